@@ -1,0 +1,1 @@
+"""gnorm's private implementation; import from ``gnorm`` instead."""

@@ -1,0 +1,119 @@
+"""``group_norm``: the pure function at the heart of gnorm."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from gnorm._src import kernel
+from gnorm._src import validation
+
+
+def group_norm(
+    params: Mapping[str, ArrayLike] | None,
+    x: ArrayLike,
+    n_groups: int,
+    eps: float = 1e-5,
+    *,
+    channel_axis: int = -1,
+) -> jax.Array:
+  r"""Group Normalization (Wu & He, 2018) as a pure function.
+
+  The channels of each sample are split into ``n_groups`` contiguous groups;
+  each group is normalised by its own mean and (biased) variance over the
+  group's channels and all spatial positions, then scaled and shifted per
+  channel:
+
+  .. math::
+
+    y = \frac{x - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}}\,\gamma_c + \beta_c
+
+  Axis 0 of ``x`` is the batch, ``channel_axis`` holds the channels and every
+  other axis is spatial, so ``(N, C)``, ``(N, L, C)``, ``(N, H, W, C)`` and
+  ``(N, D, H, W, C)`` all work (``channel_axis=1`` for NCHW).
+
+  Numerics: statistics are computed in at least float32 (float64 input with
+  ``jax_enable_x64`` stays float64) with a two-pass variance, so data whose
+  mean is large against its spread keeps its digits; the output has the
+  input's dtype. Integer and bool input is promoted to float32. NaN or Inf in
+  ``x`` is not masked: it makes the statistics, and so the whole group, NaN.
+
+  The function is stateless and safe under ``jit``, ``vmap``, ``grad``,
+  ``jvp``, ``hessian`` and sharding. Its derivative rule keeps only ``x`` and
+  the per-(sample, group) statistics for the backward pass.
+
+  Args:
+    params: ``{"gamma": ..., "beta": ...}`` (the names of the seed,
+      ``neupy.layers.GroupNorm``). Either key may be absent, and ``None``
+      means no affine transform. Each value has shape ``(C,)``, is a scalar,
+      or broadcasts against ``x`` with ``C`` on the channel axis and 1
+      elsewhere, such as the seed's ``(1, 1, 1, C)`` for NHWC input. A 1-D
+      value is always read as per-channel, whatever the layout.
+    x: input of rank >= 2, batch first.
+    n_groups: number of groups; a positive int that divides ``C``.
+      ``n_groups=1`` is layer normalisation over all but the batch axis,
+      ``n_groups=C`` is instance normalisation.
+    eps: added to the variance inside the square root; a real number >= 0
+      known at trace time.
+    channel_axis: the axis of ``x`` that holds the channels (default ``-1``,
+      channels-last as in the seed). It may not be the batch axis 0.
+
+  Returns:
+    An array of the shape of ``x``, in ``x``'s dtype (float32 for integer or
+    bool input).
+
+  Raises:
+    TypeError: ``n_groups``, ``channel_axis`` or ``eps`` of the wrong type,
+      ``params`` not a mapping, or a complex or non-numeric ``x``, gamma or
+      beta.
+    ValueError: ``n_groups`` not positive or not dividing ``C``, ``x`` of
+      rank < 2, ``channel_axis`` out of range or the batch axis, ``eps``
+      negative, NaN or infinite, gamma or beta of the wrong size, or an
+      unknown key in ``params``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm
+    >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))  # NHWC
+    >>> params = {"gamma": jnp.ones(16), "beta": jnp.zeros(16)}
+    >>> y = gnorm.group_norm(params, x, n_groups=4)
+    >>> y.shape, y.dtype
+    ((2, 8, 8, 16), dtype('float32'))
+
+    Each (sample, group) now has zero mean and unit variance:
+
+    >>> g = y.reshape(2, 64, 4, 4)
+    >>> bool(jnp.allclose(g.mean(axis=(1, 3)), 0.0, atol=1e-5))
+    True
+    >>> bool(jnp.allclose(g.var(axis=(1, 3)), 1.0, atol=1e-3))
+    True
+
+    Channels-first input, no affine, under ``jit``:
+
+    >>> f = jax.jit(gnorm.group_norm, static_argnames=("n_groups", "channel_axis"))
+    >>> f(None, jnp.moveaxis(x, -1, 1), n_groups=4, channel_axis=1).shape
+    (2, 16, 8, 8)
+
+  References:
+    Yuxin Wu and Kaiming He, "Group Normalization", ECCV 2018,
+    arXiv:1803.08494.
+  """
+  if not isinstance(x, jax.Array):
+    x = jnp.asarray(x)
+  validation.check_input(x)
+  shape = tuple(x.shape)
+  n_groups = validation.check_n_groups(n_groups, shape)
+  axis = validation.check_channel_axis(channel_axis, shape)
+  validation.check_groups_divide(n_groups, shape[axis], shape)
+  eps = validation.check_eps(eps, shape)
+  gamma, beta = validation.split_params(params)
+  gamma = validation.check_affine("gamma", gamma, shape, axis)
+  beta = validation.check_affine("beta", beta, shape, axis)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    # As the seed's layer casts its input to float32.
+    x = x.astype(jnp.float32)
+  return kernel.group_norm_core(
+      x, gamma, beta, kernel.Config(n_groups, eps, axis))

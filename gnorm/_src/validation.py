@@ -1,0 +1,159 @@
+"""Argument checks for ``group_norm``, all at trace time, all in Python.
+
+Nothing here touches array values, so the checks cost nothing under ``jit``
+and never force a host sync. Every message names the offending value and the
+input shape so that the error can be acted on without a debugger.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PARAM_KEYS = ("gamma", "beta")
+
+
+def check_n_groups(n_groups: Any, shape: tuple[int, ...] | None = None) -> int:
+  """Returns ``n_groups`` as an ``int`` or raises ``TypeError``/``ValueError``."""
+  where = f"; input shape {shape}" if shape is not None else ""
+  # bool is an int subclass, but GroupNorm(True) is a bug, not one group.
+  if isinstance(n_groups, (bool, np.bool_)) or not isinstance(
+      n_groups, (numbers.Integral, np.integer)):
+    raise TypeError(
+        f"n_groups must be a positive int, got {n_groups!r} "
+        f"(type {type(n_groups).__name__}){where}.")
+  if n_groups <= 0:
+    raise ValueError(f"n_groups must be a positive int, got {n_groups!r}{where}.")
+  return int(n_groups)
+
+
+def check_eps(eps: Any, shape: tuple[int, ...] | None = None) -> float:
+  """Returns ``eps`` as a Python float or raises."""
+  where = f"; input shape {shape}" if shape is not None else ""
+  if isinstance(eps, jax.core.Tracer):
+    raise TypeError(
+        "eps must be a concrete real number known at trace time, got a traced "
+        f"value {eps!r}; pass it as a Python float (or mark it static){where}.")
+  if isinstance(eps, (bool, np.bool_)) or not isinstance(
+      eps, (numbers.Real, np.floating, np.integer)):
+    if isinstance(eps, (np.ndarray, jax.Array)) and np.ndim(eps) == 0 and \
+        np.issubdtype(np.asarray(eps).dtype, np.floating):
+      eps = float(eps)
+    else:
+      raise TypeError(
+          f"eps must be a real number, got {eps!r} (type {type(eps).__name__})"
+          f"{where}.")
+  eps = float(eps)
+  if math.isnan(eps) or eps < 0 or math.isinf(eps):
+    raise ValueError(f"eps must be a finite number >= 0, got {eps!r}{where}.")
+  return eps
+
+
+def check_input(x: jax.Array) -> None:
+  """Checks the rank and dtype of ``x`` (already converted to an array)."""
+  if x.ndim < 2:
+    raise ValueError(
+        f"x must have rank >= 2 (batch axis first, then channels and any "
+        f"spatial axes), got shape {x.shape} (rank {x.ndim}).")
+  dt = x.dtype
+  if jnp.issubdtype(dt, jnp.complexfloating):
+    raise TypeError(
+        f"x must be real; complex dtype {dt} is not supported (input shape "
+        f"{x.shape}).")
+  if not (jnp.issubdtype(dt, jnp.number) or dt == jnp.bool_):
+    raise TypeError(f"x must be numeric, got dtype {dt} (input shape {x.shape}).")
+
+
+def check_channel_axis(channel_axis: Any, shape: tuple[int, ...]) -> int:
+  """Returns the channel axis as a positive int, never the batch axis 0."""
+  ndim = len(shape)
+  if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(
+      channel_axis, (numbers.Integral, np.integer)):
+    raise TypeError(
+        f"channel_axis must be an int, got {channel_axis!r} "
+        f"(type {type(channel_axis).__name__}); input shape {shape}.")
+  if not -ndim <= channel_axis < ndim:
+    raise ValueError(
+        f"channel_axis {channel_axis} is out of range for an input of rank "
+        f"{ndim} (shape {shape}); it must be in [{-ndim}, {ndim - 1}].")
+  axis = int(channel_axis) % ndim
+  if axis == 0:
+    raise ValueError(
+        f"channel_axis {channel_axis} is the batch axis 0 of the input of shape "
+        f"{shape}; statistics are per sample, so the channels must be on "
+        "another axis.")
+  return axis
+
+
+def check_groups_divide(n_groups: int, channels: int, shape) -> None:
+  if channels % n_groups:
+    raise ValueError(
+        f"n_groups ({n_groups}) must divide the number of channels "
+        f"({channels}); input shape {shape}.")
+
+
+def split_params(params: Any) -> tuple[Any, Any]:
+  """Returns ``(gamma, beta)`` from ``params`` (each may be ``None``)."""
+  if params is None:
+    return None, None
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        "params must be a mapping such as {'gamma': ..., 'beta': ...} or None, "
+        f"got {type(params).__name__}.")
+  unknown = sorted(str(k) for k in params if k not in PARAM_KEYS)
+  if unknown:
+    raise ValueError(
+        f"params has unknown key(s) {unknown}; the accepted keys are "
+        f"{list(PARAM_KEYS)} (the seed's names), either of which may be absent.")
+  return params.get("gamma"), params.get("beta")
+
+
+def check_affine(name: str, value: Any, shape: tuple[int, ...],
+                 channel_axis: int) -> jax.Array | None:
+  """Converts gamma or beta to an array of shape ``(C,)``.
+
+  Accepted shapes: ``()`` (one value for every channel), ``(C,)`` (always read
+  as per-channel, whatever the layout), or any shape that broadcasts against
+  ``x`` with every axis but the channel axis of size 1, such as the seed's
+  ``(1, 1, 1, C)`` for NHWC input.
+  """
+  if value is None:
+    return None
+  try:
+    arr = jnp.asarray(value)
+  except TypeError as e:
+    raise TypeError(
+        f"{name} must be an array or a number, got {type(value).__name__}: {e}"
+    ) from None
+  if jnp.issubdtype(arr.dtype, jnp.complexfloating):
+    raise TypeError(f"{name} must be real; complex dtype {arr.dtype} is not supported.")
+  if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == jnp.bool_):
+    raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}.")
+  if not jnp.issubdtype(arr.dtype, jnp.floating):
+    arr = arr.astype(jnp.float32)
+  c = shape[channel_axis]
+  ndim = len(shape)
+  if arr.ndim == 0:
+    return jnp.broadcast_to(arr, (c,))
+  if arr.shape == (c,):
+    return arr
+  if arr.ndim <= ndim:
+    # Right-align against x, as broadcasting does.
+    offset = ndim - arr.ndim
+    ok = all(
+        d == (c if offset + i == channel_axis else 1) or
+        (offset + i == channel_axis and d == 1)
+        for i, d in enumerate(arr.shape))
+    if ok and arr.size in (1, c):
+      return jnp.broadcast_to(arr.reshape(-1), (c,))
+  raise ValueError(
+      f"{name} has shape {arr.shape}, but the input of shape {shape} has {c} "
+      f"channels on axis {channel_axis}: {name} must have shape ({c},), be a "
+      f"scalar, or broadcast against the input with size {c} on the channel "
+      "axis and 1 elsewhere.")
