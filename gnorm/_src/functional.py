@@ -101,9 +101,7 @@ def group_norm(
     Yuxin Wu and Kaiming He, "Group Normalization", ECCV 2018,
     arXiv:1803.08494.
   """
-  if not isinstance(x, jax.Array):
-    x = jnp.asarray(x)
-  validation.check_input(x)
+  x = validation.as_input_array(x)
   shape = tuple(x.shape)
   n_groups = validation.check_n_groups(n_groups, shape)
   axis = validation.check_channel_axis(channel_axis, shape)

@@ -164,16 +164,26 @@ def _tangent(cfg: Config, x, gamma, mean, rstd, tx, tgamma, tbeta):
   # so d xhat = rstd (tx - d mean) - xc rstd^3 mean_g(xc tx).
   dmean = _group_mean(v, txf, g)
   dvar_half = _group_mean(v, txf * xc, g)
-  gam = (gamma.astype(cdt)[None, :] if gamma is not None
-         else jnp.ones((1, c), cdt))
-  a = _per_channel(rstd, c) * gam
-  b = _per_channel(rstd * dmean, c) * gam
-  d = _per_channel(rstd * rstd * rstd * dvar_half, c) * gam
-  ty = txf * v.bc(a) - v.bc(b) - xc * v.bc(d)
+  n = v.shape[0]
+  rstd_c = _per_channel(rstd, c)
+  gam = gamma.astype(cdt)[None, :] if gamma is not None else None
+  # ty = tx * a + c0 + xc * c1 with a, c0, c1 all (N, C): every per-channel
+  # term is folded into c0 and c1 so that the transpose reads x and the
+  # cotangent in one reduction pass (sum ct, sum ct * xc) and one elementwise
+  # pass, and dgamma / dbeta fall out of those (N, C) sums.
+  a = rstd_c if gam is None else rstd_c * gam
+  c0 = -_per_channel(rstd * dmean, c)
+  c1 = -_per_channel(rstd * rstd * rstd * dvar_half, c)
+  if gam is not None:
+    c0, c1 = c0 * gam, c1 * gam
   if tgamma is not None:
-    ty = ty + xc * v.bc(_per_channel(rstd, c) * tgamma.astype(cdt)[None, :])
+    c1 = c1 + rstd_c * jnp.broadcast_to(tgamma.astype(cdt)[None, :], (n, c))
   if tbeta is not None:
-    ty = ty + v.bc(tbeta.astype(cdt)[None, :])
+    # The barrier keeps XLA from merging sum_n(sum_s ct) into a second full
+    # pass over ct: dbeta then comes from the (N, C) sums already computed.
+    one = lax.optimization_barrier(jnp.ones((n, c), cdt))
+    c0 = c0 + jnp.broadcast_to(tbeta.astype(cdt)[None, :], (n, c)) * one
+  ty = txf * v.bc(a) + v.bc(c0) + xc * v.bc(c1)
   return ty.astype(x.dtype).reshape(x.shape)
 
 

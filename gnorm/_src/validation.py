@@ -55,6 +55,20 @@ def check_eps(eps: Any, shape: tuple[int, ...] | None = None) -> float:
   return eps
 
 
+def as_input_array(x: Any) -> jax.Array:
+  """Converts ``x`` to an array and checks its rank and dtype."""
+  if not isinstance(x, jax.Array):
+    try:
+      x = jnp.asarray(x)
+    except TypeError as e:
+      dtype = getattr(x, "dtype", type(x).__name__)
+      raise TypeError(
+          f"x must be a numeric array, got {dtype} (shape "
+          f"{np.shape(x)}): {e}") from None
+  check_input(x)
+  return x
+
+
 def check_input(x: jax.Array) -> None:
   """Checks the rank and dtype of ``x`` (already converted to an array)."""
   if x.ndim < 2:
