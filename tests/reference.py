@@ -24,3 +24,47 @@ def group_norm_ref(x, n_groups, gamma=None, beta=None, eps=1e-5, channel_axis=-1
   if beta is not None:
     y = y + np.asarray(beta, np.float64).reshape(-1)
   return np.moveaxis(y, -1, channel_axis)
+
+
+def _act64(name, z):
+  if name is None:
+    return z
+  if name == "relu":
+    return np.maximum(z, 0)
+  if name in ("silu", "swish"):
+    return z / (1 + np.exp(-z))
+  if name == "gelu":
+    from math import erf
+    return 0.5 * z * (1 + np.vectorize(erf)(z / np.sqrt(2)))
+  raise ValueError(name)
+
+
+def group_norm_ref_full(x, n_groups, gamma=None, beta=None, eps=1e-5,
+                        channel_axis=-1, mask=None, activation=None):
+  """Float64 reference with a mask, per-sample (N, C) gamma/beta, activation.
+
+  ``mask`` broadcasts to ``x`` (True = counted). A group with nothing counted
+  outputs ``act(beta)``.
+  """
+  x = np.asarray(x, dtype=np.float64)
+  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+  xl = np.moveaxis(x, channel_axis, -1)
+  ml = np.moveaxis(m, channel_axis, -1)
+  n, c = xl.shape[0], xl.shape[-1]
+  xg = xl.reshape(n, -1, n_groups, c // n_groups)
+  mg = ml.reshape(xg.shape)
+  cnt = mg.sum(axis=(1, 3), keepdims=True)
+  xz = np.where(mg, xg, 0.0)
+  mean = xz.sum(axis=(1, 3), keepdims=True) / np.maximum(cnt, 1)
+  var = (np.where(mg, xg - mean, 0.0) ** 2).sum(axis=(1, 3), keepdims=True) / np.maximum(cnt, 1)
+  xhat = np.where(cnt > 0, (xg - mean) / np.sqrt(var + eps), 0.0).reshape(xl.shape)
+  def per(p):
+    p = np.asarray(p, np.float64)
+    return p.reshape(1, 1, c) if p.ndim == 1 else p.reshape(n, 1, c)
+  y = xhat.reshape(n, -1, c)
+  if gamma is not None:
+    y = y * per(gamma)
+  if beta is not None:
+    y = y + per(beta)
+  y = _act64(activation, y.reshape(xl.shape))
+  return np.moveaxis(y, -1, channel_axis)

@@ -21,7 +21,8 @@ SHAPE = re.escape("(2, 4, 4, 8)")
     (2.5, TypeError, r"got 2\.5 \(type float\); input shape " + SHAPE),
     (True, TypeError, r"got True \(type bool\)"),
     ("4", TypeError, r"got '4' \(type str\)"),
-    (None, TypeError, r"got None"),
+    (None, ValueError, r"give exactly one of n_groups and group_size, got "
+                       r"n_groups=None and group_size=None"),
     (3, ValueError, r"n_groups \(3\) must divide the number of channels \(8\); "
                     r"input shape " + SHAPE),
     (16, ValueError, r"n_groups \(16\) must divide the number of channels \(8\)"),
@@ -84,7 +85,7 @@ def test_traced_eps_is_a_clear_type_error():
     ({"gamma": np.ones(7)}, ValueError,
      r"gamma has shape \(7,\), but the input of shape " + SHAPE + r" has 8 channels"),
     ({"beta": np.ones((1, 1, 1, 4))}, ValueError, r"beta has shape \(1, 1, 1, 4\)"),
-    ({"gamma": np.ones((2, 8))}, ValueError, r"gamma has shape \(2, 8\)"),
+    ({"gamma": np.ones((3, 8))}, ValueError, r"gamma has shape \(3, 8\).*batch size 2"),
     ({"gamma": np.ones((1, 1, 1, 1, 8))}, ValueError, r"gamma has shape \(1, 1, 1, 1, 8\)"),
     ({"scale": np.ones(8)}, ValueError,
      r"params has unknown key\(s\) \['scale'\]; the accepted keys are \['gamma', 'beta'\]"),

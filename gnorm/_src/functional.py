@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +15,14 @@ from gnorm._src import validation
 def group_norm(
     params: Mapping[str, ArrayLike] | None,
     x: ArrayLike,
-    n_groups: int,
+    n_groups: int | None = None,
     eps: float = 1e-5,
     *,
     channel_axis: int = -1,
+    group_size: int | None = None,
+    mask: ArrayLike | None = None,
+    activation: str | Callable[[jax.Array], jax.Array] | None = None,
+    axis_name: Hashable | tuple[Hashable, ...] | None = None,
 ) -> jax.Array:
   r"""Group Normalization (Wu & He, 2018) as a pure function.
 
@@ -29,7 +33,8 @@ def group_norm(
 
   .. math::
 
-    y = \frac{x - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}}\,\gamma_c + \beta_c
+    y = \mathrm{act}\Big(\frac{x - \mu_{n,g}}{\sqrt{\sigma^2_{n,g} + \epsilon}}
+        \,\gamma_{c} + \beta_{c}\Big)
 
   Axis 0 of ``x`` is the batch, ``channel_axis`` holds the channels and every
   other axis is spatial, so ``(N, C)``, ``(N, L, C)``, ``(N, H, W, C)`` and
@@ -45,13 +50,33 @@ def group_norm(
   ``jvp``, ``hessian`` and sharding. Its derivative rule keeps only ``x`` and
   the per-(sample, group) statistics for the backward pass.
 
+  Beyond the paper, all composable with each other:
+
+  * ``group_size`` instead of ``n_groups`` (exactly one of the two);
+  * ``mask``: positions where it is False are left out of the statistics
+    (padding cannot change the result); every position is normalised with
+    those statistics. A group with no counted element outputs ``act(beta)``
+    and passes no gradient to ``x``. Masked-out positions are still
+    normalised, so NaN or Inf there gives NaN or Inf there (only);
+  * ``activation``: ``"relu"``, ``"silu"`` (alias ``"swish"``), ``"gelu"``
+    (exact, erf), ``"gelu_tanh"`` or any callable, fused into the same pass;
+    the backward pass recomputes it from ``x`` instead of keeping it;
+  * per-sample ``gamma``/``beta`` of shape ``(N, C)`` (AdaGN / FiLM
+    conditioning), differentiable like any parameter;
+  * ``axis_name``: inside ``shard_map`` or ``pmap``, statistics are combined
+    across that mesh axis (or axes) with one collective, so an input split
+    along its spatial axes, or within a group's channels, is normalised
+    exactly as the whole would be. Under plain ``jax.jit`` with sharded
+    inputs no ``axis_name`` is needed: XLA inserts what is required.
+
   Args:
     params: ``{"gamma": ..., "beta": ...}`` (the names of the seed,
       ``neupy.layers.GroupNorm``). Either key may be absent, and ``None``
       means no affine transform. Each value has shape ``(C,)``, is a scalar,
       or broadcasts against ``x`` with ``C`` on the channel axis and 1
       elsewhere, such as the seed's ``(1, 1, 1, C)`` for NHWC input. A 1-D
-      value is always read as per-channel, whatever the layout.
+      value is always read as per-channel, whatever the layout; a value of
+      shape ``(N, C)`` (or ``(N, 1, 1, C)``) is per sample.
     x: input of rank >= 2, batch first.
     n_groups: number of groups; a positive int that divides ``C``.
       ``n_groups=1`` is layer normalisation over all but the batch axis,
@@ -60,19 +85,27 @@ def group_norm(
       known at trace time.
     channel_axis: the axis of ``x`` that holds the channels (default ``-1``,
       channels-last as in the seed). It may not be the batch axis 0.
+    group_size: channels per group, instead of ``n_groups``.
+    mask: boolean array broadcastable to ``x`` (for example ``(N, L, 1)`` for
+      padded sequences); True marks the positions that count.
+    activation: applied after the affine transform, fused.
+    axis_name: a mesh axis name or tuple of names to combine statistics over
+      (inside ``shard_map``/``pmap`` only).
 
   Returns:
     An array of the shape of ``x``, in ``x``'s dtype (float32 for integer or
     bool input).
 
   Raises:
-    TypeError: ``n_groups``, ``channel_axis`` or ``eps`` of the wrong type,
-      ``params`` not a mapping, or a complex or non-numeric ``x``, gamma or
-      beta.
-    ValueError: ``n_groups`` not positive or not dividing ``C``, ``x`` of
-      rank < 2, ``channel_axis`` out of range or the batch axis, ``eps``
-      negative, NaN or infinite, gamma or beta of the wrong size, or an
-      unknown key in ``params``.
+    TypeError: ``n_groups``, ``group_size``, ``channel_axis``, ``eps`` or
+      ``activation`` of the wrong type, ``params`` not a mapping, a complex or
+      non-numeric ``x``, gamma or beta, or a non-boolean ``mask``.
+    ValueError: neither or both of ``n_groups`` and ``group_size``, either
+      not positive or not dividing ``C``, ``x`` of rank < 2,
+      ``channel_axis`` out of range or the batch axis, ``eps`` negative, NaN
+      or infinite, gamma or beta of the wrong size, an unknown key in
+      ``params``, a ``mask`` that does not broadcast to ``x``, or an unknown
+      activation name.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -97,21 +130,32 @@ def group_norm(
     >>> f(None, jnp.moveaxis(x, -1, 1), n_groups=4, channel_axis=1).shape
     (2, 16, 8, 8)
 
+    Padded sequences, groups of 8 channels, fused SiLU:
+
+    >>> seq = jax.random.normal(jax.random.key(1), (2, 10, 16))
+    >>> valid = jnp.arange(10)[None, :, None] < jnp.array([7, 10])[:, None, None]
+    >>> out = gnorm.group_norm(None, seq, group_size=8, mask=valid,
+    ...                        activation="silu")
+    >>> out.shape
+    (2, 10, 16)
+
   References:
     Yuxin Wu and Kaiming He, "Group Normalization", ECCV 2018,
     arXiv:1803.08494.
   """
   x = validation.as_input_array(x)
   shape = tuple(x.shape)
-  n_groups = validation.check_n_groups(n_groups, shape)
   axis = validation.check_channel_axis(channel_axis, shape)
-  validation.check_groups_divide(n_groups, shape[axis], shape)
+  n_groups = validation.check_groups(n_groups, group_size, shape, axis)
   eps = validation.check_eps(eps, shape)
   gamma, beta = validation.split_params(params)
   gamma = validation.check_affine("gamma", gamma, shape, axis)
   beta = validation.check_affine("beta", beta, shape, axis)
+  mask = validation.check_mask(mask, shape)
+  activation = validation.check_activation(activation, kernel.ACTIVATIONS)
+  axis_name = validation.check_axis_name(axis_name)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     # As the seed's layer casts its input to float32.
     x = x.astype(jnp.float32)
-  return kernel.group_norm_core(
-      x, gamma, beta, kernel.Config(n_groups, eps, axis))
+  cfg = kernel.Config(n_groups, eps, axis, axis_name, activation)
+  return kernel.group_norm_core(x, gamma, beta, mask, cfg)

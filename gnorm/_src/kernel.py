@@ -3,7 +3,8 @@
 Everything here takes already-validated arguments (see ``validation.py``):
 ``x`` is a floating array whose axis 0 is the batch and whose channel axis is
 ``cfg.channel_axis`` (positive); ``gamma`` and ``beta`` are ``None`` or arrays
-of shape ``(C,)``.
+of shape ``(1, C)`` (per channel) or ``(N, C)`` (per sample and channel);
+``mask`` is ``None`` or a bool array already broadcast to ``x.shape``.
 
 Every computation works on a free reshape of ``x`` to ``(N, S, C)``
 (channels-last), ``(N, C, S)`` (channels-first) or ``(N, A, C, B)`` (channel
@@ -16,19 +17,25 @@ Layout of the computation, chosen for speed with XLA:
   the channel axis whole far faster than ones over a split ``(G, C/G)`` axis;
 * the variance is a true second pass, ``mean((x - mean)^2)``, which costs one
   more read of ``x`` but is as accurate as float32 allows;
-* one elementwise pass writes ``(x - mean) * (rstd * gamma) + beta``.
+* one elementwise pass writes ``act((x - mean) * (rstd * gamma) + beta)``.
+
+Across devices (``axis_name``), each shard reduces its own part to a count,
+a mean and a sum of squared deviations per (sample, group); one ``all_gather``
+of those small arrays lets every shard combine them exactly (Chan et al.),
+which keeps the two-pass accuracy with a single collective.
 
 The derivative is a ``jax.custom_jvp`` whose tangent map is wrapped in
 ``jax.checkpoint``: reverse mode (linearise, then transpose) keeps only ``x``
-and the per-(N, G) statistics alive and recomputes ``x - mean`` in the backward
-pass, while forward mode and higher orders keep working because the rule is
-ordinary differentiable JAX code.
+and the per-(N, G) statistics alive and recomputes ``x - mean`` (and the
+pre-activation) in the backward pass, while forward mode and higher orders keep
+working because the rule is ordinary differentiable JAX code.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import jax
@@ -42,6 +49,8 @@ class Config(NamedTuple):
   n_groups: int
   eps: float
   channel_axis: int  # positive: axis 0 is the batch
+  axis_name: Hashable | tuple[Hashable, ...] | None = None
+  activation: Callable[[jax.Array], jax.Array] | None = None
 
 
 class _View(NamedTuple):
@@ -58,6 +67,10 @@ class _View(NamedTuple):
   def count(self) -> int:
     """Elements per (sample, channel)."""
     return math.prod(self.shape[a] for a in self.axes)
+
+  @property
+  def channels(self) -> int:
+    return self.shape[self.c_pos]
 
   def bc(self, t: jax.Array) -> jax.Array:
     """``(N, C)`` or ``(1, C)`` -> broadcastable against the view."""
@@ -100,74 +113,122 @@ def _per_channel(t: jax.Array, channels: int) -> jax.Array:
   return jnp.broadcast_to(t[:, :, None], (n, g, channels // g)).reshape(n, channels)
 
 
-def _group_mean(v: _View, t: jax.Array, n_groups: int) -> jax.Array:
-  """Mean over each (sample, group) of a view-shaped array, as ``(N, G)``."""
-  c = v.shape[v.c_pos]
-  return _group_sum(v.sum_nc(t), n_groups) / (v.count * (c // n_groups))
+def _masked(mask, t):
+  # where, not multiply: NaN or Inf at a masked-out position must not leak.
+  return t if mask is None else jnp.where(mask, t, jnp.zeros((), t.dtype))
 
 
-def moments(v: _View, xv: jax.Array, n_groups: int) -> tuple[jax.Array, jax.Array]:
-  """Per-(sample, group) mean and biased variance, both ``(N, G)``.
+def moments(v: _View, xv: jax.Array, mv: jax.Array | None, cfg: Config):
+  """Per-(sample, group) count, mean and biased variance, each ``(N, G)``.
 
-  ``xv`` is ``x`` reshaped to ``v`` and already in the compute dtype.
+  Args:
+    v: the view of ``x``.
+    xv: ``x`` reshaped to ``v``, already in the compute dtype.
+    mv: the mask reshaped to ``v`` (True = counted), or None.
+    cfg: the settings; with ``cfg.axis_name`` the statistics cover every
+      shard along that axis.
+
+  Returns:
+    ``(count, mean, var)``. A group with no counted element has count 0,
+    mean 0 and variance 0.
   """
-  c = v.shape[v.c_pos]
-  mean = _group_mean(v, xv, n_groups)
+  c, g = v.channels, cfg.n_groups
+  cdt = xv.dtype
+  if mv is None:
+    count = jnp.full((v.shape[0], g), v.count * (c // g), cdt)
+  else:
+    count = _group_sum(v.sum_nc(mv.astype(cdt)), g)
+  safe = jnp.maximum(count, 1)
+  mean = _group_sum(v.sum_nc(_masked(mv, xv)), g) / safe
   # Two passes, not E[x^2] - E[x]^2: the one-pass formula cancels the digits
   # of the variance when |mean| >> std (pytorch#40302: randn * 0.01 + 100).
-  xc = xv - v.bc(_per_channel(mean, c))
-  return mean, _group_mean(v, xc * xc, n_groups)
+  xc = _masked(mv, xv - v.bc(_per_channel(mean, c)))
+  m2 = _group_sum(v.sum_nc(xc * xc), g)
+  if cfg.axis_name is not None:
+    # One small collective; then Chan et al.'s exact pairwise combine.
+    parts = lax.all_gather(jnp.stack([count, mean, m2]), cfg.axis_name)
+    parts = parts.reshape(-1, 3, *count.shape)
+    counts, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]
+    count = jnp.sum(counts, axis=0)
+    safe = jnp.maximum(count, 1)
+    mean = jnp.sum(counts * means, axis=0) / safe
+    dev = means - mean[None]
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * dev * dev, axis=0)
+  return count, mean, m2 / safe
 
 
-def _stats(v: _View, xv: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
-  mean, var = moments(v, xv.astype(compute_dtype(xv.dtype)), cfg.n_groups)
+def _stats(v: _View, xv, mv, cfg: Config):
+  """``(count, mean, rstd)`` per (sample, group), in the compute dtype."""
+  count, mean, var = moments(v, xv.astype(compute_dtype(xv.dtype)), mv, cfg)
   # var is a mean of squares, never negative; eps goes inside the square
-  # root, as in the paper and the seed.
-  return mean, lax.rsqrt(var + jnp.asarray(cfg.eps, var.dtype))
+  # root, as in the paper and the seed. An empty group (everything masked)
+  # gets rstd 0, so its output is beta: finite, and independent of x.
+  rstd = lax.rsqrt(var + jnp.asarray(cfg.eps, var.dtype))
+  if mv is not None:
+    rstd = jnp.where(count > 0, rstd, jnp.zeros((), rstd.dtype))
+  return count, mean, rstd
 
 
-def _normalize(v: _View, xv, gamma, beta, mean, rstd):
-  c = v.shape[v.c_pos]
+def _preactivation(v: _View, xv, gamma, beta, mean, rstd):
+  """``(x - mean) * rstd * gamma + beta`` in the compute dtype."""
+  c = v.channels
   cdt = mean.dtype
   scale = _per_channel(rstd, c)
   if gamma is not None:
-    scale = scale * gamma.astype(cdt)[None, :]
+    scale = scale * gamma.astype(cdt)
   # (x - mean) * scale + beta keeps the digits that folding everything into
   # x * scale + (beta - mean * scale) would cancel when |mean| is large.
-  y = (xv.astype(cdt) - v.bc(_per_channel(mean, c))) * v.bc(scale)
+  z = (xv.astype(cdt) - v.bc(_per_channel(mean, c))) * v.bc(scale)
   if beta is not None:
-    y = y + v.bc(beta.astype(cdt)[None, :])
-  return y.astype(xv.dtype)
+    z = z + v.bc(beta.astype(cdt))
+  return z
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def group_norm_core(x, gamma, beta, cfg: Config):
-  """Normalises validated input; see the module docstring."""
+def _forward(x, gamma, beta, mask, cfg: Config):
   v = _view(x.shape, cfg.channel_axis)
   xv = x.reshape(v.shape)
-  mean, rstd = _stats(v, xv, cfg)
-  return _normalize(v, xv, gamma, beta, mean, rstd).reshape(x.shape)
+  mv = None if mask is None else mask.reshape(v.shape)
+  count, mean, rstd = _stats(v, xv, mv, cfg)
+  z = _preactivation(v, xv, gamma, beta, mean, rstd)
+  if cfg.activation is not None:
+    z = cfg.activation(z)
+  return z.astype(x.dtype).reshape(x.shape), (count, mean, rstd)
 
 
-def _tangent(cfg: Config, x, gamma, mean, rstd, tx, tgamma, tbeta):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def group_norm_core(x, gamma, beta, mask, cfg: Config):
+  """Normalises validated input; see the module docstring."""
+  return _forward(x, gamma, beta, mask, cfg)[0]
+
+
+def _tangent(cfg: Config, x, gamma, beta, mask, count, mean, rstd,
+             tx, tgamma, tbeta):
   """The tangent map of ``group_norm_core``; linear in ``(tx, tgamma, tbeta)``.
 
   Written with per-(sample, channel) reductions only, so that its transpose,
   the backward pass, has the same fast reduction shape as the forward pass.
   """
   v = _view(x.shape, cfg.channel_axis)
-  c, g = v.shape[v.c_pos], cfg.n_groups
+  n, c, g = v.shape[0], v.channels, cfg.n_groups
   cdt = mean.dtype
-  xc = x.reshape(v.shape).astype(cdt) - v.bc(_per_channel(mean, c))
+  xv = x.reshape(v.shape)
+  mv = None if mask is None else mask.reshape(v.shape)
+  xc = xv.astype(cdt) - v.bc(_per_channel(mean, c))
   txf = tx.reshape(v.shape).astype(cdt)
   # With xhat = xc * rstd:  d mean = mean_g(tx),  d rstd = -rstd^3 mean_g(xc tx),
-  # so d xhat = rstd (tx - d mean) - xc rstd^3 mean_g(xc tx).
-  dmean = _group_mean(v, txf, g)
-  dvar_half = _group_mean(v, txf * xc, g)
-  n = v.shape[0]
+  # so d xhat = rstd (tx - d mean) - xc rstd^3 mean_g(xc tx), where mean_g
+  # runs over the counted elements of the group (on every shard).
+  s_tx = _group_sum(v.sum_nc(_masked(mv, txf)), g)
+  s_txxc = _group_sum(v.sum_nc(_masked(mv, txf * xc)), g)
+  if cfg.axis_name is not None:
+    s_tx, s_txxc = lax.psum(jnp.stack([s_tx, s_txxc]), cfg.axis_name)
+  if count is None:  # no mask, no shards: a compile-time constant
+    count = jnp.full(mean.shape, v.count * (c // g), cdt)
+  safe = jnp.maximum(count, 1)
+  dmean, dvar_half = s_tx / safe, s_txxc / safe
   rstd_c = _per_channel(rstd, c)
-  gam = gamma.astype(cdt)[None, :] if gamma is not None else None
-  # ty = tx * a + c0 + xc * c1 with a, c0, c1 all (N, C): every per-channel
+  gam = None if gamma is None else gamma.astype(cdt)
+  # tz = tx * a + c0 + xc * c1 with a, c0, c1 all (N, C): every per-channel
   # term is folded into c0 and c1 so that the transpose reads x and the
   # cotangent in one reduction pass (sum ct, sum ct * xc) and one elementwise
   # pass, and dgamma / dbeta fall out of those (N, C) sums.
@@ -177,29 +238,42 @@ def _tangent(cfg: Config, x, gamma, mean, rstd, tx, tgamma, tbeta):
   if gam is not None:
     c0, c1 = c0 * gam, c1 * gam
   if tgamma is not None:
-    c1 = c1 + rstd_c * jnp.broadcast_to(tgamma.astype(cdt)[None, :], (n, c))
+    c1 = c1 + rstd_c * jnp.broadcast_to(tgamma.astype(cdt), (n, c))
   if tbeta is not None:
     # The barrier keeps XLA from merging sum_n(sum_s ct) into a second full
     # pass over ct: dbeta then comes from the (N, C) sums already computed.
     one = lax.optimization_barrier(jnp.ones((n, c), cdt))
-    c0 = c0 + jnp.broadcast_to(tbeta.astype(cdt)[None, :], (n, c)) * one
-  ty = txf * v.bc(a) + v.bc(c0) + xc * v.bc(c1)
-  return ty.astype(x.dtype).reshape(x.shape)
+    c0 = c0 + jnp.broadcast_to(tbeta.astype(cdt), (n, c)) * one
+  tz = txf * v.bc(a) + v.bc(c0) + xc * v.bc(c1)
+  if cfg.activation is not None:
+    # Recompute the pre-activation from x rather than keep it: the backward
+    # pass then holds no full-size array but x.
+    z = _preactivation(v, xv, gamma, beta, mean, rstd)
+    _, tz = jax.jvp(cfg.activation, (z,), (tz,))
+  return tz.astype(x.dtype).reshape(x.shape)
 
 
 @group_norm_core.defjvp
 def _group_norm_core_jvp(cfg: Config, primals, tangents):
-  x, gamma, beta = primals
-  tx, tgamma, tbeta = tangents
-  v = _view(x.shape, cfg.channel_axis)
-  xv = x.reshape(v.shape)
-  mean, rstd = _stats(v, xv, cfg)
-  y = _normalize(v, xv, gamma, beta, mean, rstd).reshape(x.shape)
+  x, gamma, beta, mask = primals
+  tx, tgamma, tbeta, _ = tangents
+  y, (count, mean, rstd) = _forward(x, gamma, beta, mask, cfg)
   # Checkpointing the tangent map is what keeps reverse mode lean: its
-  # residuals are its inputs (x and the (N, G) statistics), not the
-  # full-size float32 intermediates it computes.
+  # residuals are its inputs (x, the (N, G) statistics and the small affine
+  # parameters), not the full-size float32 intermediates it computes.
   ty = jax.checkpoint(functools.partial(_tangent, cfg))(
-      x, gamma, mean, rstd, tx,
+      x, gamma, None if cfg.activation is None else beta, mask,
+      None if mask is None and cfg.axis_name is None else count, mean, rstd, tx,
       None if gamma is None else tgamma,
       None if beta is None else tbeta)
   return y, ty
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+

@@ -130,12 +130,14 @@ def split_params(params: Any) -> tuple[Any, Any]:
 
 def check_affine(name: str, value: Any, shape: tuple[int, ...],
                  channel_axis: int) -> jax.Array | None:
-  """Converts gamma or beta to an array of shape ``(C,)``.
+  """Converts gamma or beta to an array of shape ``(1, C)`` or ``(N, C)``.
 
-  Accepted shapes: ``()`` (one value for every channel), ``(C,)`` (always read
-  as per-channel, whatever the layout), or any shape that broadcasts against
-  ``x`` with every axis but the channel axis of size 1, such as the seed's
-  ``(1, 1, 1, C)`` for NHWC input.
+  Accepted shapes: ``()`` (one value for every channel); ``(C,)`` (always
+  read as per-channel, whatever the layout); ``(N, C)`` (per sample and
+  channel, for conditioning such as AdaGN or FiLM); or any shape that
+  broadcasts against ``x`` with ``C`` or 1 on the channel axis, ``N`` or 1 on
+  the batch axis and 1 elsewhere, such as the seed's ``(1, 1, 1, C)`` for NHWC
+  input.
   """
   if value is None:
     return None
@@ -151,23 +153,108 @@ def check_affine(name: str, value: Any, shape: tuple[int, ...],
     raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}.")
   if not jnp.issubdtype(arr.dtype, jnp.floating):
     arr = arr.astype(jnp.float32)
-  c = shape[channel_axis]
+  n, c = shape[0], shape[channel_axis]
   ndim = len(shape)
   if arr.ndim == 0:
-    return jnp.broadcast_to(arr, (c,))
+    return jnp.broadcast_to(arr, (1, c))
   if arr.shape == (c,):
+    return arr.reshape(1, c)
+  if arr.ndim == 2 and arr.shape == (n, c):
     return arr
   if arr.ndim <= ndim:
     # Right-align against x, as broadcasting does.
-    offset = ndim - arr.ndim
-    ok = all(
-        d == (c if offset + i == channel_axis else 1) or
-        (offset + i == channel_axis and d == 1)
-        for i, d in enumerate(arr.shape))
-    if ok and arr.size in (1, c):
-      return jnp.broadcast_to(arr.reshape(-1), (c,))
+    full = (1,) * (ndim - arr.ndim) + arr.shape
+    if all(d in ((1, c) if a == channel_axis else (1, n) if a == 0 else (1,))
+           for a, d in enumerate(full)):
+      rows, cols = full[0], full[channel_axis]
+      t = jnp.moveaxis(arr.reshape(full), channel_axis, 1).reshape(rows, cols)
+      return jnp.broadcast_to(t, (rows, c))
   raise ValueError(
       f"{name} has shape {arr.shape}, but the input of shape {shape} has {c} "
-      f"channels on axis {channel_axis}: {name} must have shape ({c},), be a "
-      f"scalar, or broadcast against the input with size {c} on the channel "
-      "axis and 1 elsewhere.")
+      f"channels on axis {channel_axis} and batch size {n}: {name} must be a "
+      f"scalar, have shape ({c},) or ({n}, {c}) (per sample), or broadcast "
+      f"against the input with {c} (or 1) on the channel axis, {n} (or 1) on "
+      "the batch axis and 1 elsewhere.")
+
+
+def check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
+  """Checks that ``mask`` is boolean and broadcasts to ``shape``."""
+  if mask is None:
+    return None
+  try:
+    m = jnp.asarray(mask)
+  except TypeError as e:
+    raise TypeError(f"mask must be a boolean array, got {type(mask).__name__}: {e}"
+                    ) from None
+  if m.dtype != jnp.bool_:
+    raise TypeError(
+        f"mask must be a boolean array (True = counted in the statistics), got "
+        f"dtype {m.dtype}; use mask.astype(bool) if that is what you mean.")
+  try:
+    jnp.broadcast_shapes(m.shape, shape)
+    ok = jnp.broadcast_shapes(m.shape, shape) == tuple(shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(
+        f"mask of shape {m.shape} does not broadcast to the input shape {shape}.")
+  return jnp.broadcast_to(m, shape)
+
+
+def check_groups(n_groups: Any, group_size: Any, shape: tuple[int, ...],
+                 channel_axis: int) -> int:
+  """Resolves ``n_groups`` / ``group_size`` (exactly one given) to n_groups."""
+  c = shape[channel_axis]
+  if (n_groups is None) == (group_size is None):
+    raise ValueError(
+        "give exactly one of n_groups and group_size, got n_groups="
+        f"{n_groups!r} and group_size={group_size!r}; input shape {shape}.")
+  if group_size is not None:
+    if isinstance(group_size, (bool, np.bool_)) or not isinstance(
+        group_size, (numbers.Integral, np.integer)):
+      raise TypeError(
+          f"group_size must be a positive int, got {group_size!r} "
+          f"(type {type(group_size).__name__}); input shape {shape}.")
+    if group_size <= 0:
+      raise ValueError(
+          f"group_size must be a positive int, got {group_size!r}; input shape "
+          f"{shape}.")
+    if c % group_size:
+      raise ValueError(
+          f"group_size ({group_size}) must divide the number of channels ({c}); "
+          f"input shape {shape}.")
+    return c // int(group_size)
+  n_groups = check_n_groups(n_groups, shape)
+  check_groups_divide(n_groups, c, shape)
+  return n_groups
+
+
+def check_activation(activation: Any, activations: Mapping[str, Any]):
+  """Resolves ``activation`` (None, a known name or a callable)."""
+  if activation is None or callable(activation):
+    return activation
+  if isinstance(activation, str):
+    try:
+      return activations[activation.lower()]
+    except KeyError:
+      raise ValueError(
+          f"unknown activation {activation!r}; use one of "
+          f"{sorted(activations)} or a callable.") from None
+  raise TypeError(
+      f"activation must be None, a name such as 'silu', or a callable, got "
+      f"{activation!r} (type {type(activation).__name__}).")
+
+
+def check_axis_name(axis_name: Any):
+  """``axis_name`` is None, a hashable name, or a tuple of them."""
+  if axis_name is None:
+    return None
+  if isinstance(axis_name, list):
+    axis_name = tuple(axis_name)
+  try:
+    hash(axis_name)
+  except TypeError:
+    raise TypeError(
+        f"axis_name must be a mesh axis name or a tuple of them, got "
+        f"{axis_name!r}.") from None
+  return axis_name

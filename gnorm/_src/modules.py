@@ -1,0 +1,385 @@
+"""``gnorm.GroupNorm``: the seed's layer as a thin ``flax.linen`` module.
+
+The module validates its own arguments, creates ``gamma`` and ``beta`` and
+calls ``gnorm.group_norm``; all the maths is in the function.
+"""
+
+# No ``from __future__ import annotations``: Flax checks the annotation of the
+# ``name`` field against the real ``Optional[str]``, not a string.
+
+import dataclasses
+import inspect
+import numbers
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import module as _linen_module
+from jax.typing import ArrayLike, DTypeLike
+
+from gnorm._src import functional, initializers, naming, validation
+
+Shape = Sequence[int | None]
+
+# The key under which a parent module counts the uses of one name pattern. It
+# lives in Flax's own per-call autonaming state (``_state.autoname_cursor``),
+# so pattern names follow exactly the rules of Flax's ``GroupNorm_0`` names:
+# reset on every call of the parent, carried across lifted transforms, and so
+# identical between ``init`` and every ``apply``. A class name never contains
+# braces, so these keys cannot collide with Flax's.
+_CURSOR_PREFIX = "gnorm name pattern "
+
+
+def output_shape(input_shape: Shape | None, n_groups: int, channel_axis: int,
+                 layer: Any) -> tuple[int | None, ...] | None:
+  """The seed's ``get_output_shape`` checks, shared by the linen and nnx modules."""
+  if input_shape is None:
+    return None  # unknown rank: nothing to check
+  try:
+    shape = tuple(None if d is None else operator.index(d) for d in input_shape)
+  except TypeError:
+    raise TypeError(
+        f"input_shape must be a sequence of ints (None for an unknown "
+        f"dimension), got {input_shape!r}; layer {layer}.") from None
+  if any(d is not None and d < 0 for d in shape):
+    raise ValueError(f"input_shape {shape} has a negative dimension; layer {layer}.")
+  if len(shape) < 2:
+    raise ValueError(
+        f"Group normalization expects an input of rank >= 2 (batch axis first, "
+        f"channels on channel_axis={channel_axis}), got shape {shape} of rank "
+        f"{len(shape)}; layer {layer}.")
+  axis = validation.check_channel_axis(channel_axis, shape)
+  channels = shape[axis]
+  if channels is not None and channels % n_groups:
+    raise ValueError(
+        f"Cannot divide {channels} input channels into {n_groups} groups "
+        f"(n_groups must divide the channels); input shape {shape}, layer "
+        f"{layer}.")
+  return shape
+
+
+def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,
+                  channel_axis: Any, param_dtype: Any) -> None:
+  """Validates the arguments shared by the linen and nnx modules."""
+  validation.check_n_groups(n_groups)
+  validation.check_eps(epsilon)
+  initializers.check_value("gamma", gamma)
+  initializers.check_value("beta", beta)
+  if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(
+      channel_axis, (numbers.Integral, np.integer)):
+    raise TypeError(
+        f"channel_axis must be an int, got {channel_axis!r} "
+        f"(type {type(channel_axis).__name__}).")
+  try:
+    dtype = jnp.dtype(param_dtype)
+  except TypeError:
+    raise TypeError(f"param_dtype must be a dtype, got {param_dtype!r}.") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"param_dtype must be a floating dtype, got {dtype}.")
+
+
+def _describe(module: nn.Module) -> str:
+  """A one-line description of a layer for error messages."""
+  return f"gnorm.GroupNorm(n_groups={module.n_groups!r}, name={module.name!r})"
+
+
+def _fill_name_pattern(module: nn.Module) -> None:
+  """Replaces a name pattern by its filled name, before Flax registers it.
+
+  A plain function, not a method: Flax wraps a module's methods and pushes the
+  module on its context stack, which would hide the parent.
+  """
+  pattern = module.name
+  parent = module.parent
+  if parent is _linen_module._unspecified_parent:
+    # As Flax does next: the module whose method is running is the parent.
+    parent = _linen_module._context.module_stack[-1]
+    object.__setattr__(module, "parent", parent)
+  if isinstance(parent, nn.Module):
+    cursor = parent._state.autoname_cursor
+    key = _CURSOR_PREFIX + pattern
+    index = cursor.get(key, 0) + 1
+    cursor[key] = index
+  else:
+    # Built outside any parent (or bound to a bare scope): number it
+    # process-wide, as the seed numbers its layers. ``init`` and ``apply``
+    # clone the module with the filled name, which is no longer a pattern.
+    index = naming.GLOBAL.next(pattern)
+  object.__setattr__(module, "name", naming.fill(pattern, index))
+
+
+class GroupNorm(nn.Module):
+  """Group Normalization layer (Wu & He, 2018), the seed's ``GroupNorm``.
+
+  The channels of each sample are split into ``n_groups`` groups, each
+  normalised by its own mean and variance, then scaled by ``gamma`` and
+  shifted by ``beta`` per channel. It is a thin wrapper over
+  ``gnorm.group_norm``: a good alternative to batch normalisation when the
+  batch is small.
+
+  The seed's API maps onto Flax as follows:
+
+  ====================================  ======================================
+  ``neupy.layers.GroupNorm``            ``gnorm.GroupNorm``
+  ====================================  ======================================
+  ``GroupNorm(n_groups, gamma, beta,``  the same fields, same defaults, same
+  ``epsilon, name)``                    positions; options are keyword-only
+  ``variables``                         Flax's ``variables`` (of a bound
+                                        module) or ``model.init(...)``
+  ``create_variables(input_shape)``     ``create_variables(input_shape, key)``
+  ``get_output_shape(input_shape)``     ``get_output_shape(input_shape)``
+  ``output(input)``                     ``__call__(x)``
+  ====================================  ======================================
+
+  Attributes:
+    n_groups: the number of groups; must divide the number of channels.
+    gamma: the initial scale: a scalar, an array-like of shape ``(C,)`` or
+      the seed's ``(1, 1, 1, C)``, a ``jax.Array``, an initializer, either a
+      ``jax.nn.initializers``-style ``(key, shape, dtype)`` callable or one
+      of ``gnorm.init.Constant``, ``Normal``, ``Uniform``; or ``None`` for
+      no scale. Defaults to ``1.0`` (the seed's ``Constant(value=1)``).
+    beta: the initial offset, in the same forms; defaults to ``0.0``.
+    epsilon: added to the variance inside the square root; defaults to
+      ``1e-5`` as in the seed and PyTorch (``flax.linen.GroupNorm`` uses
+      ``1e-6``; see ``gnorm.DEFAULT_EPSILON`` when porting weights).
+    name: the layer's name, as in the seed: a literal string (``"gn"``) is
+      used as is; a format pattern with one replacement field is filled with
+      a counter starting at 1 in creation order within the parent module
+      (``"gn{}"`` gives ``gn1``, ``gn2``; ``"fc-{:>03d}"`` gives ``fc-001``),
+      or from a process-wide counter per pattern for a module built outside
+      any parent; ``None`` keeps Flax's automatic ``GroupNorm_0``. Python's
+      formatting rules apply, so the seed's example ``"fc-{:<03d}"``
+      (left-aligned fill) gives ``fc-100``, not ``fc-001``.
+    channel_axis: the input axis holding the channels (keyword-only;
+      default ``-1``, channels-last; ``1`` for NCHW).
+    param_dtype: the dtype of ``gamma`` and ``beta`` (keyword-only; default
+      float32).
+
+  Raises:
+    TypeError: ``n_groups``, ``channel_axis``, ``epsilon``, ``param_dtype``,
+      ``gamma``, ``beta`` or ``name`` of the wrong type.
+    ValueError: ``n_groups`` not positive, ``epsilon`` negative, a name
+      pattern with more than one replacement field; at init, an input of
+      rank < 2, ``n_groups`` not dividing the channels, or ``gamma``/``beta``
+      of the wrong size (the message names both sizes).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm
+    >>> layer = gnorm.GroupNorm(4)
+    >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    >>> variables = layer.init(jax.random.key(1), x)
+    >>> jax.tree.map(jnp.shape, variables["params"])
+    {'beta': (16,), 'gamma': (16,)}
+    >>> y = layer.apply(variables, x)
+    >>> bool(jnp.allclose(y, gnorm.group_norm(variables["params"], x, 4)))
+    True
+
+    The seed's CNN, with pattern names:
+
+    >>> import flax.linen as nn
+    >>> class CNN(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     for _ in range(2):
+    ...       x = nn.Conv(16, (3, 3), padding="VALID")(x)
+    ...       x = nn.relu(gnorm.GroupNorm(4, name="gn{}")(x))
+    ...     return nn.Dense(10)(x.reshape(x.shape[0], -1))
+    >>> x = jnp.ones((1, 28, 28, 1))
+    >>> # Shapes only, nothing is computed:
+    >>> params = jax.eval_shape(CNN().init, jax.random.key(0), x)["params"]
+    >>> sorted(params)
+    ['Conv_0', 'Conv_1', 'Dense_0', 'gn1', 'gn2']
+    >>> sum(p.size for p in jax.tree.leaves(params))
+    94714
+
+    The seed's methods:
+
+    >>> layer.get_output_shape((None, 28, 28, 16))
+    (None, 28, 28, 16)
+    >>> layer.create_variables((None, 28, 28, 16))["gamma"].shape
+    (16,)
+
+  References:
+    Yuxin Wu and Kaiming He, "Group Normalization", ECCV 2018,
+    arXiv:1803.08494.
+  """
+
+  n_groups: int
+  gamma: Any = 1.0
+  beta: Any = 0.0
+  epsilon: float = 1e-5
+  # Keyword options; each one that ``group_norm`` takes is passed through in
+  # ``_function_kwargs``.
+  channel_axis: int = dataclasses.field(default=-1, kw_only=True)
+  param_dtype: DTypeLike = dataclasses.field(default=jnp.float32, kw_only=True)
+
+  def __post_init__(self) -> None:
+    if naming.is_pattern(self.name):
+      _fill_name_pattern(self)
+    check_options(n_groups=self.n_groups, gamma=self.gamma, beta=self.beta,
+                  epsilon=self.epsilon, channel_axis=self.channel_axis,
+                  param_dtype=self.param_dtype)
+    super().__post_init__()
+
+  def _function_kwargs(self) -> dict[str, Any]:
+    """The keyword options passed through to ``gnorm.group_norm``."""
+    return {"channel_axis": self.channel_axis}
+
+  # The one compact method: ``__call__`` and ``create_variables`` both create
+  # the parameters here, so they draw the same keys in the same order.
+  @nn.compact
+  def _make_params(self, channels: int) -> dict[str, jax.Array]:
+    params = {}
+    for name in ("gamma", "beta"):
+      init = initializers.resolve(name, getattr(self, name))
+      if init is not None:
+        params[name] = self.param(name, init, (channels,), self.param_dtype)
+    return params
+
+  def get_output_shape(
+      self, input_shape: Shape | None) -> tuple[int | None, ...] | None:
+    """Returns the output shape for ``input_shape`` (the same), as the seed.
+
+    Args:
+      input_shape: the input's shape, batch first; ``None`` for an unknown
+        dimension, or ``None`` for an unknown rank.
+
+    Returns:
+      ``input_shape`` as a tuple (``None`` if it is ``None``).
+
+    Raises:
+      ValueError: the seed's two errors: a rank < 2 (or a channel axis out
+        of range), and a known number of channels that ``n_groups`` does not
+        divide.
+
+    Examples:
+      >>> import gnorm
+      >>> gnorm.GroupNorm(4).get_output_shape((None, 28, 28, 16))
+      (None, 28, 28, 16)
+      >>> gnorm.GroupNorm(3).get_output_shape((None, 28, 28, 16))
+      Traceback (most recent call last):
+      ...
+      ValueError: Cannot divide 16 input channels into 3 groups ...
+    """
+    return output_shape(input_shape, self.n_groups, self.channel_axis,
+                        _describe(self))
+
+  def create_variables(self, input_shape: Shape,
+                       key: jax.Array | int | None = None) -> dict[str, jax.Array]:
+    """Creates ``{"gamma": ..., "beta": ...}`` without running a network.
+
+    For a top-level module this returns the same values as
+    ``module.init(key, x)["params"]``.
+
+    Args:
+      input_shape: the input's shape; only the channel dimension must be
+        known.
+      key: a PRNG key (or an int seed), needed only when ``gamma`` or
+        ``beta`` is a random initializer.
+
+    Returns:
+      A dict with ``gamma`` and ``beta`` of shape ``(C,)`` (a key is absent
+      when its field is ``None``).
+
+    Raises:
+      ValueError: the errors of ``get_output_shape``, an unknown channel
+        dimension, a value of the wrong size, or no ``key`` for a random
+        initializer.
+
+    Examples:
+      >>> import jax, gnorm
+      >>> layer = gnorm.GroupNorm(2, gamma=gnorm.init.Normal(1.0, 0.02))
+      >>> v = layer.create_variables((None, 8), key=jax.random.key(0))
+      >>> v["gamma"].shape, v["beta"].tolist()
+      ((8,), [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    """
+    shape = self.get_output_shape(input_shape)
+    if shape is None:
+      raise ValueError(
+          f"create_variables needs the input shape, got None; layer {_describe(self)}.")
+    channels = shape[validation.check_channel_axis(self.channel_axis, shape)]
+    if channels is None:
+      raise ValueError(
+          f"create_variables needs the number of channels, but input_shape "
+          f"{shape} leaves it unknown (None) on channel_axis "
+          f"{self.channel_axis}; layer {_describe(self)}.")
+    if key is None:
+      random = [n for n in ("gamma", "beta")
+                if initializers.needs_key(getattr(self, n))]
+      if random:
+        raise ValueError(
+            f"{' and '.join(random)} of layer {_describe(self)} "
+            f"{'is' if len(random) == 1 else 'are'} set by an initializer that "
+            "may be random; pass key=jax.random.key(...).")
+      key = jax.random.key(0)  # unused: every value is deterministic
+    elif isinstance(key, int):
+      key = jax.random.key(key)
+    unbound = self.clone(parent=None)
+    variables = unbound.init({"params": key}, channels, method=GroupNorm._make_params)
+    return dict(variables.get("params", {}))
+
+  def __call__(self, x: ArrayLike) -> jax.Array:
+    """Normalises ``x`` (the seed's ``output``).
+
+    Args:
+      x: input of rank >= 2, batch first, channels on ``channel_axis``.
+
+    Returns:
+      ``gnorm.group_norm(params, x, n_groups, epsilon, ...)``, of ``x``'s
+      shape and dtype.
+    """
+    if not isinstance(x, jax.Array):
+      x = jnp.asarray(x)
+    shape = self.get_output_shape(x.shape)
+    axis = validation.check_channel_axis(self.channel_axis, shape)
+    params = self._make_params(shape[axis])
+    return functional.group_norm(
+        params, x, self.n_groups, self.epsilon, **self._function_kwargs())
+
+
+def _positional_name_init(cls: type[GroupNorm]) -> None:
+  """Gives ``cls`` the seed's constructor: ``name`` fifth, options keyword-only.
+
+  Flax makes ``name`` keyword-only. This wraps Flax's generated ``__init__``;
+  the signature is built from the dataclass fields, so a new keyword option
+  needs only its field.
+  """
+  dataclass_init = cls.__init__
+  positional = ("n_groups", "gamma", "beta", "epsilon", "name")
+
+  def __init__(self, *args, **kwargs):
+    if len(args) > len(positional):
+      raise TypeError(
+          f"{cls.__name__} takes at most {len(positional)} positional arguments "
+          f"{positional}, got {len(args)}; pass the other options by keyword.")
+    for arg_name, value in zip(positional, args, strict=False):
+      if arg_name in kwargs:
+        raise TypeError(
+            f"{cls.__name__} got multiple values for argument {arg_name!r}.")
+      kwargs[arg_name] = value
+    dataclass_init(self, **kwargs)
+
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  P = inspect.Parameter
+  params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+  for field_name in positional:
+    f = fields[field_name]
+    default = P.empty if f.default is dataclasses.MISSING else f.default
+    params.append(P(field_name, P.POSITIONAL_OR_KEYWORD, default=default,
+                    annotation=f.type))
+  for field_name, f in fields.items():
+    if field_name not in positional:
+      params.append(P(field_name, P.KEYWORD_ONLY, default=f.default,
+                      annotation=f.type))
+  __init__.__signature__ = inspect.Signature(params, return_annotation=None)
+  __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+  __init__.__doc__ = dataclass_init.__doc__
+  cls.__init__ = __init__
+
+
+_positional_name_init(GroupNorm)
