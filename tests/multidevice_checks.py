@@ -15,13 +15,12 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gnorm
 
-jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
                "reduce-scatter")
@@ -155,11 +154,216 @@ def check_pmap_axis_name():
   _close(np.concatenate(list(np.asarray(y)), axis=1), _naive(params, x, 2))
 
 
+def _module_data(seed):
+  """NHWC input, per-sample AdaGN scale/shift and layer values, float64."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(4, 16, 3, 16)) * 2 + 3
+  scale = 0.5 * rng.normal(size=(4, 16))
+  shift = rng.normal(size=(4, 16))
+  gamma, beta = rng.normal(size=16) + 1, rng.normal(size=16)
+  return x, scale, shift, gamma, beta
+
+
+def _module_case(apply, params, sharded_apply, x, scale, shift, mask=None):
+  """Compares a module sharded over ("b", "s") with the unsharded one.
+
+  ``apply(p, x, s, t, m)`` is the unsharded module, ``sharded_apply`` the same
+  with ``axis_name="s"``; both as pure functions of the params pytree.
+  """
+  mesh = _mesh()
+  spec = P("b", "s")  # the batch over "b", the first spatial axis over "s"
+  m_spec = () if mask is None else (spec,)
+  body = lambda p, x, s, t, *m: sharded_apply(p, x, s, t, *m)  # noqa: E731
+  f = jax.jit(jax.shard_map(body, mesh=mesh,
+                            in_specs=(P(), spec, P("b"), P("b")) + m_spec,
+                            out_specs=spec))
+  args = (params, x, scale, shift) + (() if mask is None else (mask,))
+  sharded = (jax.device_put(params, NamedSharding(mesh, P())),
+             jax.device_put(x, NamedSharding(mesh, spec)),
+             jax.device_put(scale, NamedSharding(mesh, P("b"))),
+             jax.device_put(shift, NamedSharding(mesh, P("b")))) + tuple(
+                 jax.device_put(a, NamedSharding(mesh, spec)) for a in args[4:])
+  _close(f(*sharded), jax.jit(apply)(*args))
+  w = np.random.default_rng(7).normal(size=x.shape)
+  loss_sharded = lambda *a: jnp.sum(jnp.sin(f(*a)) * w)  # noqa: E731
+  loss_ref = lambda *a: jnp.sum(jnp.sin(apply(*a)) * w)  # noqa: E731
+  argnums = (0, 1, 2, 3)  # params, x, scale, shift
+  g = jax.jit(jax.grad(loss_sharded, argnums=argnums))(*sharded)
+  g_ref = jax.jit(jax.grad(loss_ref, argnums=argnums))(*args)
+  leaves, leaves_ref = jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)
+  assert len(leaves) == len(leaves_ref) == 5, (len(leaves), len(leaves_ref))
+  for a, b in zip(leaves, leaves_ref, strict=True):
+    _close(a, b)
+
+
+def check_linen_module_axis_name_in_shard_map():
+  x, scale, shift, gamma, beta = _module_data(2)
+  kw = dict(group_size=4, activation="silu", gamma=gamma, beta=beta,
+            param_dtype=jnp.float64)
+  whole = gnorm.GroupNorm(**kw)
+  layer = gnorm.GroupNorm(axis_name="s", **kw)
+  params = whole.create_variables(x.shape)
+
+  def apply(p, x, s, t):
+    return whole.apply({"params": p}, x, scale=s, shift=t)
+
+  def sharded_apply(p, x, s, t):
+    return layer.apply({"params": p}, x, scale=s, shift=t)
+
+  _module_case(apply, params, sharded_apply, x, scale, shift)
+
+
+def check_nnx_module_axis_name_in_shard_map():
+  x, scale, shift, gamma, beta = _module_data(3)
+  # Padded rows, different per sample: the shards of "s" hold unequal counts.
+  lengths = np.array([13, 3, 16, 6])
+  mask = np.arange(16)[None, :, None, None] < lengths[:, None, None, None]
+  mask = np.broadcast_to(mask, (4, 16, 3, 1)).copy()
+  kw = dict(group_size=8, activation="gelu", gamma=gamma, beta=beta,
+            param_dtype=jnp.float64)
+  graphdef_whole, state = nnx.split(gnorm.nnx.GroupNorm(num_channels=16, **kw))
+  graphdef, state_s = nnx.split(gnorm.nnx.GroupNorm(num_channels=16, axis_name="s",
+                                                    **kw))
+  assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(state_s)
+
+  def apply(st, x, s, t, m):
+    return nnx.merge(graphdef_whole, st)(x, mask=m, scale=s, shift=t)
+
+  def sharded_apply(st, x, s, t, m):
+    return nnx.merge(graphdef, st)(x, mask=m, scale=s, shift=t)
+
+  _module_case(apply, state, sharded_apply, x, scale, shift, mask)
+
+
+def _mnist_example_modules():
+  """examples/mnist_cnn.py and its ``mnist`` package, imported as the tests do."""
+  import pathlib
+
+  examples = str(pathlib.Path(__file__).resolve().parents[1] / "examples")
+  if examples not in sys.path:
+    sys.path.insert(0, examples)
+  import mnist_cnn
+  from mnist import input_pipeline, train
+
+  return mnist_cnn, input_pipeline, train
+
+
+def check_mnist_example_data_parallel_matches_single_device():
+  # The example's float32 training, as a user runs it: not in this script's
+  # float64 mode (restored afterwards for the other checks).
+  prev_x64 = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", False)
+  try:
+    _mnist_data_parallel_case()
+  finally:
+    jax.config.update("jax_enable_x64", prev_x64)
+
+
+def _mnist_data_parallel_case():
+  mnist_cnn, input_pipeline, train = _mnist_example_modules()
+  data = input_pipeline.load_embedded()
+  rng = np.random.default_rng(0)
+  tr = rng.choice(len(data.train_labels), 256, replace=False)
+  te = rng.choice(len(data.test_labels), 128, replace=False)
+  small = input_pipeline.Dataset(data.train_images[tr], data.train_labels[tr],
+                                 data.test_images[te], data.test_labels[te])
+  mesh = train.make_mesh()
+  assert mesh.size == 8 and mesh.axis_names == (train.BATCH_AXIS,), mesh
+  quiet = dict(progress=False, log=lambda s: None)
+  for norm in ("group", "batch"):
+    config = train.Config(epochs=1, batch_size=32, norm=norm)  # 8 steps
+    one, h_one = train.train(config, small, **quiet)
+    dp, h_dp = train.train(config, small, mesh=mesh, **quiet)
+    # Trained data-parallel: every array replicated on the 8 devices.
+    for leaf in jax.tree_util.tree_leaves(dp.params):
+      assert leaf.sharding.is_fully_replicated, leaf.sharding
+      assert len(leaf.sharding.device_set) == 8, leaf.sharding
+    assert int(dp.step) == int(one.step) == 8
+    params_one = jax.device_get(one.params)
+    params_dp = jax.device_get(dp.params)
+    assert all(leaf.dtype == np.float32
+               for leaf in jax.tree_util.tree_leaves(params_dp))
+    scale = max(float(np.max(np.abs(p)))
+                for p in jax.tree_util.tree_leaves(params_one))
+    for path, a in jax.tree_util.tree_leaves_with_path(params_one):
+      name = jax.tree_util.keystr(path)
+      if norm == "batch" and name.startswith("['conv") and "bias" in name:
+        # BatchNorm subtracts the batch mean, so the loss does not depend on
+        # the bias of the convolution before it: its gradient is rounding
+        # noise, which adam scales up to steps of the learning rate, and
+        # any change in the order of the sums (here: per-device partial
+        # sums) moves it. The function is compared below instead.
+        continue
+      b = _get_path(params_dp, path)
+      err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+      assert err <= 1e-4 * scale, (norm, name, err, scale)
+    np.testing.assert_allclose(h_dp["train_loss"], h_one["train_loss"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(h_dp["test_loss"], h_one["test_loss"],
+                               rtol=1e-5 if norm == "group" else 1e-2)
+    assert h_dp["test_accuracy"] == h_one["test_accuracy"], (
+        norm, h_dp["test_accuracy"], h_one["test_accuracy"])
+    # The networks compute the same function (BatchNorm with batch
+    # statistics, where the convolutions' biases cancel).
+    x = small.test_images[:64]
+
+    @jax.jit
+    def logits(state):
+      variables = {"params": state.params}
+      if state.batch_stats is not None:
+        variables["batch_stats"] = state.batch_stats
+        return state.apply_fn(variables, x, train=True,
+                              mutable=["batch_stats"])[0]
+      return state.apply_fn(variables, x, train=False)
+
+    np.testing.assert_allclose(
+        logits(jax.device_get(dp)), logits(one), rtol=1e-4, atol=1e-4)
+    if norm == "batch":
+      # The running variances do not depend on that bias: they agree.
+      stats_one = jax.device_get(one.batch_stats)
+      stats_dp = jax.device_get(dp.batch_stats)
+      for layer in ("norm1", "norm2"):
+        np.testing.assert_allclose(stats_dp[layer]["var"],
+                                   stats_one[layer]["var"], rtol=1e-5)
+  # A batch that does not split evenly is refused, by train() and the CLI.
+  try:
+    train.train(train.Config(epochs=1, batch_size=36), small, mesh=mesh,
+                **quiet)
+  except ValueError as e:
+    assert "multiple of the number of devices (8)" in str(e), e
+  else:
+    raise AssertionError("batch size 36 on 8 devices was accepted")
+  import contextlib
+  import io
+
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage
+      mnist_cnn.parse_args(["--devices", "3"])  # the default batch size: 32
+  except SystemExit as e:
+    assert e.code == 2, e
+  else:
+    raise AssertionError("--devices 3 with --batch-size 32 was accepted")
+  assert mnist_cnn.choose_devices(32, 8) == 8
+  assert mnist_cnn.choose_devices(36, 8) == 6
+  assert mnist_cnn.describe_devices(8, 32) == (
+      "data parallel over 8 cpu devices (4 examples each per step)")
+
+
+def _get_path(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
 CHECKS = {name: fn for name, fn in sorted(globals().items())
           if name.startswith("check_")}
 
 
 def main() -> int:
+  # Set here, not at import: test_sharding.py imports this module for the
+  # check names, and must not change the parent process's configuration.
+  jax.config.update("jax_enable_x64", True)
+  jax.config.update("jax_numpy_rank_promotion", "raise")
   assert len(jax.devices()) == 8, jax.devices()
   results = {}
   for name, fn in CHECKS.items():

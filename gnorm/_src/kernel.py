@@ -113,6 +113,20 @@ def _per_channel(t: jax.Array, channels: int) -> jax.Array:
   return jnp.broadcast_to(t[:, :, None], (n, g, channels // g)).reshape(n, channels)
 
 
+def _own(*arrays):
+  """Gives one full-size consumer its own handle on its operands (no copy).
+
+  XLA's CPU backend runs each reduction as a library kernel that can fuse
+  the elementwise prologue of its own input (a dtype convert, ``x - mean``)
+  but not share it: when common-subexpression elimination merges the same
+  prologue feeding several passes, XLA writes it out as a full-size float32
+  temporary instead. An ``optimization_barrier`` over a tuple that is
+  distinct for each consumer keeps the prologues apart, so every pass
+  re-reads ``x`` itself. On GPU and TPU it is equally free.
+  """
+  return lax.optimization_barrier(arrays)
+
+
 def _masked(mask, t):
   # where, not multiply: NaN or Inf at a masked-out position must not leak.
   return t if mask is None else jnp.where(mask, t, jnp.zeros((), t.dtype))
@@ -123,27 +137,32 @@ def moments(v: _View, xv: jax.Array, mv: jax.Array | None, cfg: Config):
 
   Args:
     v: the view of ``x``.
-    xv: ``x`` reshaped to ``v``, already in the compute dtype.
+    xv: ``x`` reshaped to ``v``, in its own dtype.
     mv: the mask reshaped to ``v`` (True = counted), or None.
     cfg: the settings; with ``cfg.axis_name`` the statistics cover every
       shard along that axis.
 
   Returns:
-    ``(count, mean, var)``. A group with no counted element has count 0,
-    mean 0 and variance 0.
+    ``(count, mean, var)`` in the compute dtype. A group with no counted
+    element has count 0, mean 0 and variance 0.
   """
   c, g = v.channels, cfg.n_groups
-  cdt = xv.dtype
+  cdt = compute_dtype(xv.dtype)
   if mv is None:
     count = jnp.full((v.shape[0], g), v.count * (c // g), cdt)
   else:
     count = _group_sum(v.sum_nc(mv.astype(cdt)), g)
   safe = jnp.maximum(count, 1)
-  mean = _group_sum(v.sum_nc(_masked(mv, xv)), g) / safe
+  (x1,) = _own(xv)
+  # The barrier on the (N, C) sums keeps XLA from rewriting the small group
+  # combine that follows into further full-size passes.
+  s1 = lax.optimization_barrier(v.sum_nc(_masked(mv, x1.astype(cdt))))
+  mean = _group_sum(s1, g) / safe
   # Two passes, not E[x^2] - E[x]^2: the one-pass formula cancels the digits
   # of the variance when |mean| >> std (pytorch#40302: randn * 0.01 + 100).
-  xc = _masked(mv, xv - v.bc(_per_channel(mean, c)))
-  m2 = _group_sum(v.sum_nc(xc * xc), g)
+  x2, mean_c = _own(xv, _per_channel(mean, c))
+  xc = _masked(mv, x2.astype(cdt) - v.bc(mean_c))
+  m2 = _group_sum(lax.optimization_barrier(v.sum_nc(xc * xc)), g)
   if cfg.axis_name is not None:
     # One small collective; then Chan et al.'s exact pairwise combine.
     parts = lax.all_gather(jnp.stack([count, mean, m2]), cfg.axis_name)
@@ -159,7 +178,7 @@ def moments(v: _View, xv: jax.Array, mv: jax.Array | None, cfg: Config):
 
 def _stats(v: _View, xv, mv, cfg: Config):
   """``(count, mean, rstd)`` per (sample, group), in the compute dtype."""
-  count, mean, var = moments(v, xv.astype(compute_dtype(xv.dtype)), mv, cfg)
+  count, mean, var = moments(v, xv, mv, cfg)
   # var is a mean of squares, never negative; eps goes inside the square
   # root, as in the paper and the seed. An empty group (everything masked)
   # gets rstd 0, so its output is beta: finite, and independent of x.
@@ -178,7 +197,8 @@ def _preactivation(v: _View, xv, gamma, beta, mean, rstd):
     scale = scale * gamma.astype(cdt)
   # (x - mean) * scale + beta keeps the digits that folding everything into
   # x * scale + (beta - mean * scale) would cancel when |mean| is large.
-  z = (xv.astype(cdt) - v.bc(_per_channel(mean, c))) * v.bc(scale)
+  xq, mean_c, scale = _own(xv, _per_channel(mean, c), scale)
+  z = (xq.astype(cdt) - v.bc(mean_c)) * v.bc(scale)
   if beta is not None:
     z = z + v.bc(beta.astype(cdt))
   return z
@@ -212,19 +232,25 @@ def _tangent(cfg: Config, x, gamma, beta, mask, count, mean, rstd,
   n, c, g = v.shape[0], v.channels, cfg.n_groups
   cdt = mean.dtype
   xv = x.reshape(v.shape)
+  txv = tx.reshape(v.shape)
   mv = None if mask is None else mask.reshape(v.shape)
-  xc = xv.astype(cdt) - v.bc(_per_channel(mean, c))
-  txf = tx.reshape(v.shape).astype(cdt)
-  # With xhat = xc * rstd:  d mean = mean_g(tx),  d rstd = -rstd^3 mean_g(xc tx),
-  # so d xhat = rstd (tx - d mean) - xc rstd^3 mean_g(xc tx), where mean_g
-  # runs over the counted elements of the group (on every shard).
-  s_tx = _group_sum(v.sum_nc(_masked(mv, txf)), g)
-  s_txxc = _group_sum(v.sum_nc(_masked(mv, txf * xc)), g)
-  if cfg.axis_name is not None:
-    s_tx, s_txxc = lax.psum(jnp.stack([s_tx, s_txxc]), cfg.axis_name)
   if count is None:  # no mask, no shards: a compile-time constant
     count = jnp.full(mean.shape, v.count * (c // g), cdt)
   safe = jnp.maximum(count, 1)
+  # With xhat = xc * rstd:  d mean = mean_g(tx),  d rstd = -rstd^3 mean_g(xc tx),
+  # so d xhat = rstd (tx - d mean) - xc rstd^3 mean_g(xc tx), where mean_g
+  # runs over the counted elements of the group (on every shard). Tangents
+  # and primal values get separate barriers (see _own): their transposes
+  # then hand each backward pass its own copy-free cotangent operand.
+  (t1,) = _own(txv)
+  s_tx = lax.optimization_barrier(v.sum_nc(_masked(mv, t1.astype(cdt))))
+  s_tx = _group_sum(s_tx, g)
+  x2, mean_c2, _ = _own(xv, _per_channel(mean, c), rstd)
+  t2, s_tx = _own(txv, s_tx)
+  s_txxc = v.sum_nc(_masked(mv, t2.astype(cdt) * (x2.astype(cdt) - v.bc(mean_c2))))
+  s_txxc = _group_sum(lax.optimization_barrier(s_txxc), g)
+  if cfg.axis_name is not None:
+    s_tx, s_txxc = lax.psum(jnp.stack([s_tx, s_txxc]), cfg.axis_name)
   dmean, dvar_half = s_tx / safe, s_txxc / safe
   rstd_c = _per_channel(rstd, c)
   gam = None if gamma is None else gamma.astype(cdt)
@@ -244,7 +270,9 @@ def _tangent(cfg: Config, x, gamma, beta, mask, count, mean, rstd,
     # pass over ct: dbeta then comes from the (N, C) sums already computed.
     one = lax.optimization_barrier(jnp.ones((n, c), cdt))
     c0 = c0 + jnp.broadcast_to(tbeta.astype(cdt), (n, c)) * one
-  tz = txf * v.bc(a) + v.bc(c0) + xc * v.bc(c1)
+  x3, mean_c3, a = _own(xv, _per_channel(mean, c), a)
+  t3, c0, c1 = _own(txv, c0, c1)
+  tz = t3.astype(cdt) * v.bc(a) + v.bc(c0) + (x3.astype(cdt) - v.bc(mean_c3)) * v.bc(c1)
   if cfg.activation is not None:
     # Recompute the pre-activation from x rather than keep it: the backward
     # pass then holds no full-size array but x.

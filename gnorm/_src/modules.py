@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +21,7 @@ import numpy as np
 from flax.linen import module as _linen_module
 from jax.typing import ArrayLike, DTypeLike
 
-from gnorm._src import functional, initializers, naming, validation
+from gnorm._src import functional, initializers, kernel, naming, validation
 
 Shape = Sequence[int | None]
 
@@ -34,8 +34,9 @@ Shape = Sequence[int | None]
 _CURSOR_PREFIX = "gnorm name pattern "
 
 
-def output_shape(input_shape: Shape | None, n_groups: int, channel_axis: int,
-                 layer: Any) -> tuple[int | None, ...] | None:
+def output_shape(input_shape: Shape | None, n_groups: int | None,
+                 channel_axis: int, layer: Any,
+                 group_size: int | None = None) -> tuple[int | None, ...] | None:
   """The seed's ``get_output_shape`` checks, shared by the linen and nnx modules."""
   if input_shape is None:
     return None  # unknown rank: nothing to check
@@ -54,7 +55,13 @@ def output_shape(input_shape: Shape | None, n_groups: int, channel_axis: int,
         f"{len(shape)}; layer {layer}.")
   axis = validation.check_channel_axis(channel_axis, shape)
   channels = shape[axis]
-  if channels is not None and channels % n_groups:
+  if channels is not None and group_size is not None:
+    if channels % group_size:
+      raise ValueError(
+          f"Cannot divide {channels} input channels into groups of {group_size} "
+          f"(group_size must divide the channels); input shape {shape}, layer "
+          f"{layer}.")
+  elif channels is not None and channels % n_groups:
     raise ValueError(
         f"Cannot divide {channels} input channels into {n_groups} groups "
         f"(n_groups must divide the channels); input shape {shape}, layer "
@@ -62,10 +69,29 @@ def output_shape(input_shape: Shape | None, n_groups: int, channel_axis: int,
   return shape
 
 
+def check_grouping(n_groups: Any, group_size: Any) -> None:
+  """Exactly one of ``n_groups`` and ``group_size``, a positive int."""
+  if (n_groups is None) == (group_size is None):
+    raise ValueError(
+        f"give exactly one of n_groups and group_size, got n_groups={n_groups!r} "
+        f"and group_size={group_size!r}.")
+  if n_groups is not None:
+    validation.check_n_groups(n_groups)
+    return
+  if isinstance(group_size, (bool, np.bool_)) or not isinstance(
+      group_size, (numbers.Integral, np.integer)):
+    raise TypeError(
+        f"group_size must be a positive int, got {group_size!r} "
+        f"(type {type(group_size).__name__}).")
+  if group_size <= 0:
+    raise ValueError(f"group_size must be a positive int, got {group_size!r}.")
+
+
 def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,
-                  channel_axis: Any, param_dtype: Any) -> None:
+                  channel_axis: Any, param_dtype: Any, group_size: Any = None,
+                  activation: Any = None, axis_name: Any = None) -> None:
   """Validates the arguments shared by the linen and nnx modules."""
-  validation.check_n_groups(n_groups)
+  check_grouping(n_groups, group_size)
   validation.check_eps(epsilon)
   initializers.check_value("gamma", gamma)
   initializers.check_value("beta", beta)
@@ -80,11 +106,61 @@ def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,
     raise TypeError(f"param_dtype must be a dtype, got {param_dtype!r}.") from None
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"param_dtype must be a floating dtype, got {dtype}.")
+  validation.check_activation(activation, kernel.ACTIVATIONS)
+  validation.check_axis_name(axis_name)
+
+
+def _conditioning(name: str, value: Any, shape: tuple[int, ...], axis: int,
+                  layer: str) -> jax.Array | None:
+  """``scale`` or ``shift`` as a ``(1, C)`` or ``(N, C)`` array (or None)."""
+  if value is None:
+    return None
+  try:
+    return validation.check_affine(name, value, shape, axis)
+  except (TypeError, ValueError) as e:
+    raise type(e)(f"{e} (call of layer {layer})") from None
+
+
+def condition(params: dict[str, Any], shape: tuple[int, ...], axis: int,
+              scale: Any, shift: Any, layer: str) -> dict[str, Any]:
+  """Folds AdaGN ``scale``/``shift`` into the layer's ``gamma``/``beta``.
+
+  ``act((xhat * gamma + beta) * (1 + scale) + shift)`` is
+  ``act(xhat * gamma' + beta')`` with ``gamma' = gamma * (1 + scale)`` and
+  ``beta' = beta * (1 + scale) + shift``: per-sample ``(N, C)`` parameters
+  that ``group_norm`` takes directly, so the activation stays fused. A missing
+  ``gamma`` counts as 1 and a missing ``beta`` as 0.
+  """
+  if scale is None and shift is None:
+    return params
+  scale = _conditioning("scale", scale, shape, axis, layer)
+  shift = _conditioning("shift", shift, shape, axis, layer)
+  gamma = params.get("gamma")
+  beta = params.get("beta")
+  if gamma is not None:
+    gamma = validation.check_affine("gamma", gamma, shape, axis)
+  if beta is not None:
+    beta = validation.check_affine("beta", beta, shape, axis)
+  if scale is not None:
+    factor = 1 + scale
+    gamma = factor if gamma is None else gamma * factor
+    beta = None if beta is None else beta * factor
+  if shift is not None:
+    beta = shift if beta is None else beta + shift
+  out = {}
+  for name, value in (("gamma", gamma), ("beta", beta)):
+    if value is not None:
+      # (1, C) -> (C,): a 2-D (1, C) value would be read against x's trailing
+      # axes, which are not the channels for channels-first input.
+      out[name] = value.reshape(-1) if value.shape[0] == 1 else value
+  return out
 
 
 def _describe(module: nn.Module) -> str:
   """A one-line description of a layer for error messages."""
-  return f"gnorm.GroupNorm(n_groups={module.n_groups!r}, name={module.name!r})"
+  groups = (f"group_size={module.group_size!r}" if module.group_size is not None
+            else f"n_groups={module.n_groups!r}")
+  return f"gnorm.GroupNorm({groups}, name={module.name!r})"
 
 
 def _fill_name_pattern(module: nn.Module) -> None:
@@ -137,6 +213,7 @@ class GroupNorm(nn.Module):
 
   Attributes:
     n_groups: the number of groups; must divide the number of channels.
+      ``None`` when ``group_size`` is given (exactly one of the two).
     gamma: the initial scale: a scalar, an array-like of shape ``(C,)`` or
       the seed's ``(1, 1, 1, C)``, a ``jax.Array``, an initializer, either a
       ``jax.nn.initializers``-style ``(key, shape, dtype)`` callable or one
@@ -158,14 +235,37 @@ class GroupNorm(nn.Module):
       default ``-1``, channels-last; ``1`` for NCHW).
     param_dtype: the dtype of ``gamma`` and ``beta`` (keyword-only; default
       float32).
+    group_size: channels per group, instead of ``n_groups`` (keyword-only).
+    activation: fused after the affine transform (keyword-only): ``"relu"``,
+      ``"silu"``/``"swish"``, ``"gelu"`` (exact), ``"gelu_tanh"``, a
+      callable, or ``None`` (default).
+    axis_name: a mesh axis name or tuple of names (keyword-only): inside
+      ``shard_map`` or ``pmap``, the statistics cover the shards along it.
+
+  The call takes ``x`` and three optional keyword arguments: ``mask``
+  (positions where it is False are left out of the statistics), and
+  ``scale`` and ``shift``, per-sample conditioning as in the AdaGN of
+  diffusion UNets (guided-diffusion) or FiLM, of shape ``(N, C)`` (or
+  ``(N, 1, 1, C)``, ``(C,)``, a scalar)::
+
+    y = act((xhat * gamma + beta) * (1 + scale) + shift)
+
+  where ``xhat`` is ``x`` normalised; ``gamma`` counts as 1 and ``beta`` as
+  0 when the layer has none. They fold into per-sample parameters
+  ``gamma * (1 + scale)`` and ``beta * (1 + scale) + shift``, so the
+  activation stays fused and gradients reach ``gamma``, ``beta``, ``scale``
+  and ``shift``.
 
   Raises:
-    TypeError: ``n_groups``, ``channel_axis``, ``epsilon``, ``param_dtype``,
-      ``gamma``, ``beta`` or ``name`` of the wrong type.
-    ValueError: ``n_groups`` not positive, ``epsilon`` negative, a name
+    TypeError: ``n_groups``, ``group_size``, ``channel_axis``, ``epsilon``,
+      ``param_dtype``, ``gamma``, ``beta``, ``activation``, ``axis_name`` or
+      ``name`` of the wrong type.
+    ValueError: neither or both of ``n_groups`` and ``group_size``, either
+      not positive, ``epsilon`` negative, an unknown activation name, a name
       pattern with more than one replacement field; at init, an input of
-      rank < 2, ``n_groups`` not dividing the channels, or ``gamma``/``beta``
-      of the wrong size (the message names both sizes).
+      rank < 2, ``n_groups`` or ``group_size`` not dividing the channels, or
+      ``gamma``/``beta`` of the wrong size (the message names both sizes); at
+      a call, ``mask``, ``scale`` or ``shift`` of the wrong shape.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -177,6 +277,19 @@ class GroupNorm(nn.Module):
     {'beta': (16,), 'gamma': (16,)}
     >>> y = layer.apply(variables, x)
     >>> bool(jnp.allclose(y, gnorm.group_norm(variables["params"], x, 4)))
+    True
+
+    Groups of 4 channels, fused SiLU and AdaGN conditioning from an
+    embedding, as in a diffusion UNet:
+
+    >>> layer = gnorm.GroupNorm(group_size=4, activation="silu")
+    >>> variables = layer.init(jax.random.key(1), x)  # gamma = 1, beta = 0
+    >>> emb = jax.random.normal(jax.random.key(2), (2, 32))
+    >>> scale, shift = jnp.split(emb, 2, axis=-1)  # each (N, C) = (2, 16)
+    >>> y = layer.apply(variables, x, scale=scale, shift=shift)
+    >>> xhat = gnorm.group_norm(None, x, group_size=4)
+    >>> ref = jax.nn.silu(xhat * (1 + scale[:, None, None]) + shift[:, None, None])
+    >>> bool(jnp.allclose(y, ref, atol=1e-5))
     True
 
     The seed's CNN, with pattern names:
@@ -209,7 +322,7 @@ class GroupNorm(nn.Module):
     arXiv:1803.08494.
   """
 
-  n_groups: int
+  n_groups: int | None = None
   gamma: Any = 1.0
   beta: Any = 0.0
   epsilon: float = 1e-5
@@ -217,18 +330,25 @@ class GroupNorm(nn.Module):
   # ``_function_kwargs``.
   channel_axis: int = dataclasses.field(default=-1, kw_only=True)
   param_dtype: DTypeLike = dataclasses.field(default=jnp.float32, kw_only=True)
+  group_size: int | None = dataclasses.field(default=None, kw_only=True)
+  activation: str | Callable[[jax.Array], jax.Array] | None = dataclasses.field(
+      default=None, kw_only=True)
+  axis_name: Hashable | tuple[Hashable, ...] | None = dataclasses.field(
+      default=None, kw_only=True)
 
   def __post_init__(self) -> None:
     if naming.is_pattern(self.name):
       _fill_name_pattern(self)
     check_options(n_groups=self.n_groups, gamma=self.gamma, beta=self.beta,
                   epsilon=self.epsilon, channel_axis=self.channel_axis,
-                  param_dtype=self.param_dtype)
+                  param_dtype=self.param_dtype, group_size=self.group_size,
+                  activation=self.activation, axis_name=self.axis_name)
     super().__post_init__()
 
   def _function_kwargs(self) -> dict[str, Any]:
     """The keyword options passed through to ``gnorm.group_norm``."""
-    return {"channel_axis": self.channel_axis}
+    return {"channel_axis": self.channel_axis, "group_size": self.group_size,
+            "activation": self.activation, "axis_name": self.axis_name}
 
   # The one compact method: ``__call__`` and ``create_variables`` both create
   # the parameters here, so they draw the same keys in the same order.
@@ -267,7 +387,7 @@ class GroupNorm(nn.Module):
       ValueError: Cannot divide 16 input channels into 3 groups ...
     """
     return output_shape(input_shape, self.n_groups, self.channel_axis,
-                        _describe(self))
+                        _describe(self), self.group_size)
 
   def create_variables(self, input_shape: Shape,
                        key: jax.Array | int | None = None) -> dict[str, jax.Array]:
@@ -323,23 +443,41 @@ class GroupNorm(nn.Module):
     variables = unbound.init({"params": key}, channels, method=GroupNorm._make_params)
     return dict(variables.get("params", {}))
 
-  def __call__(self, x: ArrayLike) -> jax.Array:
+  def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
+               scale: ArrayLike | None = None,
+               shift: ArrayLike | None = None) -> jax.Array:
     """Normalises ``x`` (the seed's ``output``).
 
     Args:
       x: input of rank >= 2, batch first, channels on ``channel_axis``.
+      mask: optional boolean array broadcastable to ``x``; positions where it
+        is False are left out of the statistics (see ``gnorm.group_norm``).
+      scale: optional AdaGN / FiLM scale, per sample: shape ``(N, C)``, or
+        ``(C,)``, a scalar, or anything that broadcasts against ``x`` with
+        ``C`` on the channel axis and ``N`` (or 1) on the batch axis, such as
+        ``(N, 1, 1, C)``. The output is
+        ``act((xhat * gamma + beta) * (1 + scale) + shift)``.
+      shift: optional AdaGN / FiLM shift, in the same shapes.
 
     Returns:
       ``gnorm.group_norm(params, x, n_groups, epsilon, ...)``, of ``x``'s
-      shape and dtype.
+      shape and dtype, with ``params`` the layer's ``gamma`` and ``beta``
+      combined with ``scale`` and ``shift``.
+
+    Raises:
+      ValueError: the errors of ``get_output_shape`` and
+        ``gnorm.group_norm``, or ``scale``/``shift`` of a shape that is not
+        per-sample-and-channel (the message names it and the input shape).
     """
     if not isinstance(x, jax.Array):
       x = jnp.asarray(x)
     shape = self.get_output_shape(x.shape)
     axis = validation.check_channel_axis(self.channel_axis, shape)
     params = self._make_params(shape[axis])
+    params = condition(params, shape, axis, scale, shift, _describe(self))
     return functional.group_norm(
-        params, x, self.n_groups, self.epsilon, **self._function_kwargs())
+        params, x, self.n_groups, self.epsilon, mask=mask,
+        **self._function_kwargs())
 
 
 def _positional_name_init(cls: type[GroupNorm]) -> None:

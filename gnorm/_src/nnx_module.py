@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -23,8 +23,9 @@ class GroupNorm(nnx.Module):
   the module is built (so the number of channels is an argument).
 
   Args:
-    n_groups: the number of groups; must divide ``num_channels``.
-    num_channels: the number of channels ``C`` of the input.
+    n_groups: the number of groups; must divide ``num_channels``. ``None``
+      when ``group_size`` is given (exactly one of the two).
+    num_channels: the number of channels ``C`` of the input (required).
     gamma: the initial scale: a scalar, an array-like of shape ``(C,)`` or
       the seed's ``(1, 1, 1, C)``, a ``jax.Array``, a
       ``jax.nn.initializers``-style ``(key, shape, dtype)`` callable, one of
@@ -35,15 +36,37 @@ class GroupNorm(nnx.Module):
       ``1e-5``; ``flax.nnx.GroupNorm`` uses ``1e-6``).
     channel_axis: the input axis holding the channels (default ``-1``).
     param_dtype: the dtype of ``gamma`` and ``beta`` (default float32).
+    group_size: channels per group, instead of ``n_groups``; must divide
+      ``num_channels``.
+    activation: fused after the affine transform: ``"relu"``,
+      ``"silu"``/``"swish"``, ``"gelu"`` (exact), ``"gelu_tanh"``, a
+      callable, or ``None`` (default).
+    axis_name: a mesh axis name or tuple of names: inside ``shard_map`` or
+      ``pmap``, the statistics cover the shards along it.
     rngs: an ``nnx.Rngs``, needed only when ``gamma`` or ``beta`` is a
       random initializer (its ``params`` stream is used).
 
+  The call takes ``x`` and three optional keyword arguments: ``mask``
+  (positions where it is False are left out of the statistics), and
+  ``scale`` and ``shift``, per-sample conditioning as in the AdaGN of
+  diffusion UNets (guided-diffusion) or FiLM, of shape ``(N, C)`` (or
+  ``(N, 1, 1, C)``, ``(C,)``, a scalar)::
+
+    y = act((xhat * gamma + beta) * (1 + scale) + shift)
+
+  where ``xhat`` is ``x`` normalised; ``gamma`` counts as 1 and ``beta`` as
+  0 when the layer has none. They fold into per-sample parameters
+  ``gamma * (1 + scale)`` and ``beta * (1 + scale) + shift``, so the
+  activation stays fused and gradients reach ``gamma``, ``beta``, ``scale``
+  and ``shift``.
+
   Raises:
-    TypeError: an argument of the wrong type.
-    ValueError: ``n_groups`` or ``num_channels`` not positive, ``n_groups``
-      not dividing ``num_channels``, ``gamma``/``beta`` of the wrong size
-      (the message names both sizes), or no ``rngs`` for a random
-      initializer.
+    TypeError: an argument of the wrong type, or no ``num_channels``.
+    ValueError: neither or both of ``n_groups`` and ``group_size``, either
+      or ``num_channels`` not positive, ``n_groups`` or ``group_size`` not
+      dividing ``num_channels``, ``gamma``/``beta`` of the wrong size (the
+      message names both sizes), an unknown activation name, or no ``rngs``
+      for a random initializer.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -59,6 +82,19 @@ class GroupNorm(nnx.Module):
     >>> bool(jnp.allclose(y, gnorm.group_norm(params, x, 4)))
     True
 
+    Groups of 4 channels, fused SiLU and AdaGN conditioning from an
+    embedding, as in a diffusion UNet:
+
+    >>> layer = gnorm.nnx.GroupNorm(num_channels=16, group_size=4,
+    ...                             activation="silu")
+    >>> emb = jax.random.normal(jax.random.key(2), (2, 32))
+    >>> scale, shift = jnp.split(emb, 2, axis=-1)  # each (N, C) = (2, 16)
+    >>> y = layer(x, scale=scale, shift=shift)
+    >>> xhat = gnorm.group_norm(None, x, group_size=4)
+    >>> ref = jax.nn.silu(xhat * (1 + scale[:, None, None]) + shift[:, None, None])
+    >>> bool(jnp.allclose(y, ref, atol=1e-5))
+    True
+
   References:
     Yuxin Wu and Kaiming He, "Group Normalization", ECCV 2018,
     arXiv:1803.08494.
@@ -66,14 +102,17 @@ class GroupNorm(nnx.Module):
 
   def __init__(
       self,
-      n_groups: int,
-      num_channels: int,
+      n_groups: int | None = None,
+      num_channels: int | None = None,
       *,
       gamma: Any = 1.0,
       beta: Any = 0.0,
       epsilon: float = 1e-5,
       channel_axis: int = -1,
       param_dtype: DTypeLike = jnp.float32,
+      group_size: int | None = None,
+      activation: str | Callable[[jax.Array], jax.Array] | None = None,
+      axis_name: Hashable | tuple[Hashable, ...] | None = None,
       rngs: nnx.Rngs | None = None,
   ):
     # Plain Python values are static attributes of an nnx module.
@@ -82,9 +121,19 @@ class GroupNorm(nnx.Module):
     self.epsilon = epsilon
     self.channel_axis = channel_axis
     self.param_dtype = param_dtype
+    self.group_size = group_size
+    self.activation = activation
     modules.check_options(n_groups=n_groups, gamma=gamma, beta=beta,
                           epsilon=epsilon, channel_axis=channel_axis,
-                          param_dtype=param_dtype)
+                          param_dtype=param_dtype, group_size=group_size,
+                          activation=activation, axis_name=axis_name)
+    # A list of names becomes a tuple: static attributes must be hashable.
+    self.axis_name = validation.check_axis_name(axis_name)
+    if num_channels is None:
+      raise TypeError(
+          "gnorm.nnx.GroupNorm needs num_channels, the number of input "
+          "channels: GroupNorm(n_groups, num_channels) or "
+          "GroupNorm(num_channels=C, group_size=...).")
     if isinstance(num_channels, (bool, np.bool_)) or not isinstance(
         num_channels, (numbers.Integral, np.integer)):
       raise TypeError(
@@ -93,7 +142,11 @@ class GroupNorm(nnx.Module):
     if num_channels <= 0:
       raise ValueError(f"num_channels must be a positive int, got {num_channels}.")
     num_channels = self.num_channels = int(num_channels)
-    validation.check_groups_divide(n_groups, num_channels, f"(..., {num_channels})")
+    if group_size is None:
+      validation.check_groups_divide(n_groups, num_channels, f"(..., {num_channels})")
+    elif num_channels % group_size:
+      raise ValueError(
+          f"group_size ({group_size}) must divide num_channels ({num_channels}).")
     for name, value in (("gamma", gamma), ("beta", beta)):
       init = initializers.resolve(name, value)
       if init is None:
@@ -111,7 +164,8 @@ class GroupNorm(nnx.Module):
 
   def _function_kwargs(self) -> dict[str, Any]:
     """The keyword options passed through to ``gnorm.group_norm``."""
-    return {"channel_axis": self.channel_axis}
+    return {"channel_axis": self.channel_axis, "group_size": self.group_size,
+            "activation": self.activation, "axis_name": self.axis_name}
 
   def get_output_shape(self, input_shape: Sequence[int | None] | None):
     """Returns the output shape (the input's), as the seed; see ``gnorm.GroupNorm``.
@@ -122,7 +176,7 @@ class GroupNorm(nnx.Module):
       (None, 28, 28, 16)
     """
     shape = modules.output_shape(input_shape, self.n_groups, self.channel_axis,
-                                 self._describe())
+                                 self._describe(), self.group_size)
     if shape is not None:
       channels = shape[validation.check_channel_axis(self.channel_axis, shape)]
       if channels is not None and channels != self.num_channels:
@@ -133,19 +187,35 @@ class GroupNorm(nnx.Module):
     return shape
 
   def _describe(self) -> str:
-    return (f"gnorm.nnx.GroupNorm(n_groups={self.n_groups}, "
-            f"num_channels={self.num_channels})")
+    groups = (f"group_size={self.group_size}" if self.group_size is not None
+              else f"n_groups={self.n_groups}")
+    return f"gnorm.nnx.GroupNorm({groups}, num_channels={self.num_channels})"
 
-  def __call__(self, x: ArrayLike) -> jax.Array:
-    """Normalises ``x``: ``gnorm.group_norm`` with this module's parameters."""
+  def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
+               scale: ArrayLike | None = None,
+               shift: ArrayLike | None = None) -> jax.Array:
+    """Normalises ``x``: ``gnorm.group_norm`` with this module's parameters.
+
+    Args:
+      x: input of rank >= 2, batch first, ``num_channels`` on
+        ``channel_axis``.
+      mask: optional boolean array broadcastable to ``x``; positions where it
+        is False are left out of the statistics.
+      scale: optional AdaGN / FiLM scale of shape ``(N, C)`` (or
+        ``(N, 1, 1, C)``, ``(C,)``, a scalar); see the class docstring:
+        ``y = act((xhat * gamma + beta) * (1 + scale) + shift)``.
+      shift: optional AdaGN / FiLM shift, in the same shapes.
+    """
     if not isinstance(x, jax.Array):
       x = jnp.asarray(x)
-    self.get_output_shape(x.shape)
+    shape = self.get_output_shape(x.shape)
+    axis = validation.check_channel_axis(self.channel_axis, shape)
     params = {}
     if self.gamma is not None:
       params["gamma"] = self.gamma[...]
     if self.beta is not None:
       params["beta"] = self.beta[...]
+    params = modules.condition(params, shape, axis, scale, shift, self._describe())
     return functional.group_norm(
-        params, x, self.n_groups, self.epsilon, **self._function_kwargs())
-
+        params, x, self.n_groups, self.epsilon, mask=mask,
+        **self._function_kwargs())

@@ -134,7 +134,8 @@ def check_affine(name: str, value: Any, shape: tuple[int, ...],
 
   Accepted shapes: ``()`` (one value for every channel); ``(C,)`` (always
   read as per-channel, whatever the layout); ``(N, C)`` (per sample and
-  channel, for conditioning such as AdaGN or FiLM); or any shape that
+  channel, for conditioning such as AdaGN or FiLM) or ``(1, C)``, whatever
+  the layout; or any shape that
   broadcasts against ``x`` with ``C`` or 1 on the channel axis, ``N`` or 1 on
   the batch axis and 1 elsewhere, such as the seed's ``(1, 1, 1, C)`` for NHWC
   input.
@@ -159,7 +160,7 @@ def check_affine(name: str, value: Any, shape: tuple[int, ...],
     return jnp.broadcast_to(arr, (1, c))
   if arr.shape == (c,):
     return arr.reshape(1, c)
-  if arr.ndim == 2 and arr.shape == (n, c):
+  if arr.ndim == 2 and arr.shape in ((n, c), (1, c)):
     return arr
   if arr.ndim <= ndim:
     # Right-align against x, as broadcasting does.
