@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gnorm
-
 
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
                "reduce-scatter")
@@ -70,11 +70,18 @@ def check_batch_sharding_compiles_without_collectives():
   f = jax.jit(lambda p, x: gnorm.group_norm(p, x, 4))
   hlo = f.lower(params, xs).compile().as_text()
   assert not _collectives(hlo), _collectives(hlo)
-  loss = lambda p, x: jnp.sum(jnp.sin(gnorm.group_norm(p, x, 4)))
-  # The parameter gradient sums over the batch, which needs exactly one
-  # all-reduce of a (C,)-sized array; the input gradient needs nothing.
+  def loss(p, x):
+    return jnp.sum(jnp.sin(gnorm.group_norm(p, x, 4)))
+
+  # The input gradient needs no communication at all; the parameter gradient
+  # sums over the batch, which needs all-reduces of (C,)-sized arrays only.
   hlo_x = jax.jit(jax.grad(loss, argnums=1)).lower(params, xs).compile().as_text()
   assert not _collectives(hlo_x), _collectives(hlo_x)
+  hlo_p = jax.jit(jax.grad(loss, argnums=0)).lower(params, xs).compile().as_text()
+  assert set(_collectives(hlo_p)) <= {"all-reduce"}, _collectives(hlo_p)
+  for line in hlo_p.splitlines():
+    if " all-reduce(" in line or " all-reduce-start(" in line:
+      assert "[16]" in line.split("=")[1].split("all-reduce")[0], line
   _close(f(params, xs), _naive(params, x, 4))
 
 
@@ -87,12 +94,14 @@ def check_spatial_sharding_under_jit_equals_unsharded():
   g = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(gnorm.group_norm(p, x, 4))),
                        argnums=(0, 1)))(params, xs)
   g_ref = jax.grad(lambda p, x: jnp.sum(jnp.sin(_naive(p, x, 4))), argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref),
+                  strict=True):
     _close(a, b)
 
 
-def _shard_map_case(spec, axis_name, n_groups, shape, mask=None, param_spec=P(),
+def _shard_map_case(spec, axis_name, n_groups, shape, mask=None, param_spec=None,
                     local_groups=None):
+  param_spec = P() if param_spec is None else param_spec
   mesh = _mesh()
   x, params = _data(shape, seed=1)
   xs = jax.device_put(x, NamedSharding(mesh, spec))
@@ -117,7 +126,8 @@ def _shard_map_case(spec, axis_name, n_groups, shape, mask=None, param_spec=P(),
 
   g = jax.jit(jax.grad(loss_sharded, argnums=(0, 1)))(*args)
   g_ref = jax.grad(loss_ref, argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref),
+                  strict=True):
     _close(a, b)
 
 
@@ -243,7 +253,8 @@ def _mnist_example_modules():
   if examples not in sys.path:
     sys.path.insert(0, examples)
   import mnist_cnn
-  from mnist import input_pipeline, train
+  from mnist import input_pipeline
+  from mnist import train
 
   return mnist_cnn, input_pipeline, train
 
@@ -306,18 +317,8 @@ def _mnist_data_parallel_case():
     # The networks compute the same function (BatchNorm with batch
     # statistics, where the convolutions' biases cancel).
     x = small.test_images[:64]
-
-    @jax.jit
-    def logits(state):
-      variables = {"params": state.params}
-      if state.batch_stats is not None:
-        variables["batch_stats"] = state.batch_stats
-        return state.apply_fn(variables, x, train=True,
-                              mutable=["batch_stats"])[0]
-      return state.apply_fn(variables, x, train=False)
-
-    np.testing.assert_allclose(
-        logits(jax.device_get(dp)), logits(one), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_mnist_logits(jax.device_get(dp), x),
+                               _mnist_logits(one, x), rtol=1e-4, atol=1e-4)
     if norm == "batch":
       # The running variances do not depend on that bias: they agree.
       stats_one = jax.device_get(one.batch_stats)
@@ -347,6 +348,16 @@ def _mnist_data_parallel_case():
   assert mnist_cnn.choose_devices(36, 8) == 6
   assert mnist_cnn.describe_devices(8, 32) == (
       "data parallel over 8 cpu devices (4 examples each per step)")
+
+
+@jax.jit
+def _mnist_logits(state, x):
+  """The example network's logits; BatchNorm with the batch's statistics."""
+  variables = {"params": state.params}
+  if state.batch_stats is None:
+    return state.apply_fn(variables, x, train=False)
+  variables["batch_stats"] = state.batch_stats
+  return state.apply_fn(variables, x, train=True, mutable=["batch_stats"])[0]
 
 
 def _get_path(tree, path):

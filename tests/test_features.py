@@ -9,7 +9,8 @@ import pytest
 from jax.test_util import check_grads
 
 import gnorm
-from tests.reference import group_norm_ref, group_norm_ref_full
+from tests.reference import group_norm_ref
+from tests.reference import group_norm_ref_full
 
 _jgn = jax.jit(gnorm.group_norm, static_argnames=(
     "n_groups", "eps", "channel_axis", "group_size", "activation"))
@@ -133,7 +134,8 @@ def test_fused_activation_equals_applying_it_after(name, fn):
                      argnums=(0, 1))(params, x)
   g_after = jax.grad(lambda p, x: jnp.sum(fn(gnorm.group_norm(p, x, 4)) * ct),
                      argnums=(0, 1))(params, x)
-  for a, b in zip(jax.tree_util.tree_leaves(g_fused), jax.tree_util.tree_leaves(g_after)):
+  for a, b in zip(jax.tree_util.tree_leaves(g_fused), jax.tree_util.tree_leaves(g_after),
+                  strict=True):
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
@@ -298,7 +299,9 @@ def _naive_jnp(params, x, n_groups, eps=1e-5, channel_axis=-1):
 def test_check_grads_second_order_fwd_and_rev(x64, shape, channel_axis, n_groups):
   x, gamma, beta = _data(shape, channel_axis, loc=1.0, seed=20, dtype=np.float64)
   params = {"gamma": gamma.astype(np.float64), "beta": beta.astype(np.float64)}
-  f = lambda p, x: gnorm.group_norm(p, x, n_groups, channel_axis=channel_axis)
+  def f(p, x):
+    return gnorm.group_norm(p, x, n_groups, channel_axis=channel_axis)
+
   check_grads(f, (params, x), order=2, modes=("fwd", "rev"))
 
 
@@ -322,8 +325,9 @@ def test_derivatives_match_plain_autodiff(x64, shape, channel_axis, n_groups):
             jax.hessian(f, argnums=0)(params, x))
 
   for a, b in zip(jax.jit(lambda: all_derivatives(ours))(),
-                  jax.jit(lambda: all_derivatives(naive))()):
-    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+                  jax.jit(lambda: all_derivatives(naive))(), strict=True):
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                    strict=True):
       np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-9)
   # Forward mode on its own.
   tx = jnp.asarray(np.random.default_rng(22).normal(size=shape))
@@ -359,11 +363,12 @@ def test_backward_keeps_only_x_and_group_statistics():
   _, vjp_fn = jax.vjp(lambda p, x: gnorm.group_norm(p, x, 8), params, x)
   leaves = jax.tree_util.tree_leaves(vjp_fn)
   big = [leaf for leaf in leaves if leaf.size >= x.size]
-  assert len(big) == 1 and big[0].dtype == jnp.bfloat16, [(l.shape, l.dtype) for l in leaves]
+  assert len(big) == 1 and big[0].dtype == jnp.bfloat16, [
+      (leaf.shape, leaf.dtype) for leaf in leaves]
   small = [leaf for leaf in leaves if leaf.size < x.size]
   # gamma, then the per-(N, G) mean and rstd.
   assert all(leaf.size <= 2 * 8 or leaf.size == 32 for leaf in small), [
-      (l.shape, l.dtype) for l in small]
+      (leaf.shape, leaf.dtype) for leaf in small]
 
 
 # --- property test --------------------------------------------------------------

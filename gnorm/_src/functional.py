@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable
+from collections.abc import Hashable
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

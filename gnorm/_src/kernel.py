@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
+from collections.abc import Hashable
 from typing import NamedTuple
 
 import jax
@@ -188,7 +189,7 @@ def _stats(v: _View, xv, mv, cfg: Config):
   return count, mean, rstd
 
 
-def _preactivation(v: _View, xv, gamma, beta, mean, rstd):
+def _preactivation(v: _View, xv, gamma, beta, mean, rstd, tag=()):
   """``(x - mean) * rstd * gamma + beta`` in the compute dtype."""
   c = v.channels
   cdt = mean.dtype
@@ -197,7 +198,9 @@ def _preactivation(v: _View, xv, gamma, beta, mean, rstd):
     scale = scale * gamma.astype(cdt)
   # (x - mean) * scale + beta keeps the digits that folding everything into
   # x * scale + (beta - mean * scale) would cancel when |mean| is large.
-  xq, mean_c, scale = _own(xv, _per_channel(mean, c), scale)
+  # ``tag`` makes the barrier tuple unique when another pass uses the same
+  # operands (see _own).
+  xq, mean_c, scale, *_ = _own(xv, _per_channel(mean, c), scale, *tag)
   z = (xq.astype(cdt) - v.bc(mean_c)) * v.bc(scale)
   if beta is not None:
     z = z + v.bc(beta.astype(cdt))
@@ -276,7 +279,7 @@ def _tangent(cfg: Config, x, gamma, beta, mask, count, mean, rstd,
   if cfg.activation is not None:
     # Recompute the pre-activation from x rather than keep it: the backward
     # pass then holds no full-size array but x.
-    z = _preactivation(v, xv, gamma, beta, mean, rstd)
+    z = _preactivation(v, xv, gamma, beta, mean, rstd, tag=(rstd, mean))
     _, tz = jax.jvp(cfg.activation, (z,), (tz,))
   return tz.astype(x.dtype).reshape(x.shape)
 

@@ -11,7 +11,9 @@ import dataclasses
 import inspect
 import numbers
 import operator
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable
+from collections.abc import Hashable
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,9 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import module as _linen_module
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
-from gnorm._src import functional, initializers, kernel, naming, validation
+from gnorm._src import functional
+from gnorm._src import initializers
+from gnorm._src import kernel
+from gnorm._src import naming
+from gnorm._src import validation
 
 Shape = Sequence[int | None]
 
@@ -77,14 +84,8 @@ def check_grouping(n_groups: Any, group_size: Any) -> None:
         f"and group_size={group_size!r}.")
   if n_groups is not None:
     validation.check_n_groups(n_groups)
-    return
-  if isinstance(group_size, (bool, np.bool_)) or not isinstance(
-      group_size, (numbers.Integral, np.integer)):
-    raise TypeError(
-        f"group_size must be a positive int, got {group_size!r} "
-        f"(type {type(group_size).__name__}).")
-  if group_size <= 0:
-    raise ValueError(f"group_size must be a positive int, got {group_size!r}.")
+  else:
+    validation.check_n_groups(group_size, what="group_size")
 
 
 def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,

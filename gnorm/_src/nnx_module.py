@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable
+from collections.abc import Hashable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
-from gnorm._src import functional, initializers, modules, validation
+from gnorm._src import functional
+from gnorm._src import initializers
+from gnorm._src import modules
+from gnorm._src import validation
 
 
 class GroupNorm(nnx.Module):

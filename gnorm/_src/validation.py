@@ -19,17 +19,19 @@ import numpy as np
 PARAM_KEYS = ("gamma", "beta")
 
 
-def check_n_groups(n_groups: Any, shape: tuple[int, ...] | None = None) -> int:
-  """Returns ``n_groups`` as an ``int`` or raises ``TypeError``/``ValueError``."""
+def check_n_groups(n_groups: Any, shape: tuple[int, ...] | None = None, *,
+                   what: str = "n_groups") -> int:
+  """Returns a group count (or, with ``what="group_size"``, a group size) as
+  an ``int``, or raises ``TypeError``/``ValueError``."""
   where = f"; input shape {shape}" if shape is not None else ""
   # bool is an int subclass, but GroupNorm(True) is a bug, not one group.
   if isinstance(n_groups, (bool, np.bool_)) or not isinstance(
       n_groups, (numbers.Integral, np.integer)):
     raise TypeError(
-        f"n_groups must be a positive int, got {n_groups!r} "
+        f"{what} must be a positive int, got {n_groups!r} "
         f"(type {type(n_groups).__name__}){where}.")
   if n_groups <= 0:
-    raise ValueError(f"n_groups must be a positive int, got {n_groups!r}{where}.")
+    raise ValueError(f"{what} must be a positive int, got {n_groups!r}{where}.")
   return int(n_groups)
 
 
@@ -211,15 +213,7 @@ def check_groups(n_groups: Any, group_size: Any, shape: tuple[int, ...],
         "give exactly one of n_groups and group_size, got n_groups="
         f"{n_groups!r} and group_size={group_size!r}; input shape {shape}.")
   if group_size is not None:
-    if isinstance(group_size, (bool, np.bool_)) or not isinstance(
-        group_size, (numbers.Integral, np.integer)):
-      raise TypeError(
-          f"group_size must be a positive int, got {group_size!r} "
-          f"(type {type(group_size).__name__}); input shape {shape}.")
-    if group_size <= 0:
-      raise ValueError(
-          f"group_size must be a positive int, got {group_size!r}; input shape "
-          f"{shape}.")
+    group_size = check_n_groups(group_size, shape, what="group_size")
     if c % group_size:
       raise ValueError(
           f"group_size ({group_size}) must divide the number of channels ({c}); "
