@@ -6,8 +6,15 @@ import os
 # devices start a subprocess with their own XLA_FLAGS.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import hypothesis  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# CI must be reproducible: there, hypothesis draws the same examples every run
+# (locally it keeps exploring new ones and remembers failures in .hypothesis/).
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+  hypothesis.settings.load_profile("ci")
 
 # Implicit rank promotion hides shape bugs; make it an error everywhere.
 jax.config.update("jax_numpy_rank_promotion", "raise")

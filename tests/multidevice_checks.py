@@ -155,6 +155,42 @@ def check_shard_map_masked_unequal_shards():
   _shard_map_case(P("b", "s"), "s", 2, (4, 16, 3, 8), mask=mask)
 
 
+def check_all_options_compose_with_axis_name():
+  # group_size + mask + fused activation + per-sample (N, C) gamma/beta, on
+  # an input split spatially over 4 devices, against the unsplit float64
+  # computation (values and gradients).
+  mesh = _mesh()
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 16, 3, 8)) * 2 + 5
+  lengths = np.array([11, 2, 16, 7])
+  mask = np.broadcast_to(
+      np.arange(16)[None, :, None, None] < lengths[:, None, None, None],
+      (4, 16, 3, 1)).copy()
+  params = {"gamma": rng.normal(size=(4, 8)) + 1, "beta": rng.normal(size=(4, 8))}
+
+  def norm(p, x, m, axis_name=None):
+    return gnorm.group_norm(p, x, group_size=4, mask=m, activation="silu",
+                            axis_name=axis_name)
+
+  spec = P("b", "s")
+  sharded = jax.jit(jax.shard_map(
+      lambda p, x, m: norm(p, x, m, axis_name="s"), mesh=mesh,
+      in_specs=(P("b"), spec, spec), out_specs=spec))
+  args = (jax.device_put(params, NamedSharding(mesh, P("b"))),
+          jax.device_put(x, NamedSharding(mesh, spec)),
+          jax.device_put(mask, NamedSharding(mesh, spec)))
+  _close(sharded(*args), norm(params, x, mask))
+
+  def loss(f):
+    return lambda p, x, m: jnp.sum(jnp.where(m, f(p, x, m), 0.0) ** 2)
+
+  g = jax.jit(jax.grad(loss(sharded), argnums=(0, 1)))(*args)
+  g_ref = jax.grad(loss(norm), argnums=(0, 1))(params, x, mask)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref),
+                  strict=True):
+    _close(a, b)
+
+
 def check_pmap_axis_name():
   # Split the spatial axis of a (2, 16, 8) input into 4 pieces of 4.
   x, params = _data((2, 16, 8))
