@@ -123,7 +123,7 @@ def _own(*arrays):
   prologue feeding several passes, XLA writes it out as a full-size float32
   temporary instead. An ``optimization_barrier`` over a tuple that is
   distinct for each consumer keeps the prologues apart, so every pass
-  re-reads ``x`` itself. On GPU and TPU it is equally free.
+  re-reads ``x`` itself. The barrier copies nothing.
   """
   return lax.optimization_barrier(arrays)
 
