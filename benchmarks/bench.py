@@ -826,35 +826,9 @@ def _kept(case: dict, name: str) -> dict | None:
 def _summarize_fused(fused: dict) -> None:
   cases = fused["cases"]
   summary = {}
-  for d in ("fwd", "fwdbwd"):
-    for other in ("gnorm_unfused", "flax", "torch"):
-      sp = [
-        (_t(c, other, d) / _t(c, "gnorm_fused", d))
-        if _t(c, other, d) and _t(c, "gnorm_fused", d)
-        else None
-        for c in cases
-      ]
-      if any(s is not None for s in sp):
-        sm = [
-          (_t(c, other, d, "min_s") / _t(c, "gnorm_fused", d, "min_s"))
-          if _t(c, other, d) and _t(c, "gnorm_fused", d)
-          else None
-          for c in cases
-        ]
-        summary[f"{other}/gnorm_fused/{d}"] = {
-          "per_case": sp,
-          "geomean": geomean(sp),
-          "geomean_of_min": geomean(sm),
-        }
-    for name in ("gnorm_fused", "gnorm_unfused", "flax", "torch", "floor"):
-      fl = [
-        (_t(c, name, d) / _t(c, "floor", "fwd"))
-        if _t(c, name, d) and _t(c, "floor", "fwd")
-        else None
-        for c in cases
-      ]
-      if any(s is not None for s in fl):
-        summary[f"{name}/floor/{d}"] = {"per_case": fl, "geomean": geomean(fl)}
+  _add_ratio_summaries(
+    summary, cases, "gnorm_fused", ("gnorm_unfused", "flax", "torch"),
+    ("gnorm_fused", "gnorm_unfused", "flax", "torch", "floor"))
   checks = []
   big = [
     f"{c['label']}: {s}"
@@ -918,41 +892,42 @@ def _t(case: dict, name: str, direction: str, stat: str = "median_s") -> float |
   return e[stat] if e else None
 
 
-def summarize(results: dict) -> None:
-  """Adds ratios, geometric means and the issue's target checks."""
-  cases = results["cases"]
-  summary = {}
+def _ratios(cases: list, num: tuple, den: tuple) -> list:
+  """``_t(c, *num) / _t(c, *den)`` per case, None where either is missing."""
+  out = []
+  for c in cases:
+    a, b = _t(c, *num), _t(c, *den)
+    out.append(a / b if a and b else None)
+  return out
+
+
+def _add_ratio_summaries(summary: dict, cases: list, ref: str, others: tuple,
+                         names: tuple) -> None:
+  """Speedups other/ref (medians, and best-of-rounds as a second opinion on a
+  loaded machine) and time / the floor's forward, per direction."""
   for d in ("fwd", "fwdbwd"):
-    for other in ("flax", "haiku", "equinox", "torch"):
-      sp = [
-        (_t(c, other, d) / _t(c, "gnorm", d))
-        if _t(c, other, d) and _t(c, "gnorm", d)
-        else None
-        for c in cases
-      ]
+    for other in others:
+      sp = _ratios(cases, (other, d), (ref, d))
       if any(s is not None for s in sp):
-        # The geomean of best-of-rounds times too: on a loaded machine it is
-        # a second opinion on the medians.
-        sm = [
-          (_t(c, other, d, "min_s") / _t(c, "gnorm", d, "min_s"))
-          if _t(c, other, d) and _t(c, "gnorm", d)
-          else None
-          for c in cases
-        ]
-        summary[f"{other}/gnorm/{d}"] = {
+        sm = _ratios(cases, (other, d, "min_s"), (ref, d, "min_s"))
+        summary[f"{other}/{ref}/{d}"] = {
           "per_case": sp,
           "geomean": geomean(sp),
           "geomean_of_min": geomean(sm),
         }
-    for name in ("gnorm", "flax", "haiku", "equinox", "torch", "floor"):
-      fl = [
-        (_t(c, name, d) / _t(c, "floor", "fwd"))
-        if _t(c, name, d) and _t(c, "floor", "fwd")
-        else None
-        for c in cases
-      ]
+    for name in names:
+      fl = _ratios(cases, (name, d), ("floor", "fwd"))
       if any(s is not None for s in fl):
         summary[f"{name}/floor/{d}"] = {"per_case": fl, "geomean": geomean(fl)}
+
+
+def summarize(results: dict) -> None:
+  """Adds ratios, geometric means and the issue's target checks."""
+  cases = results["cases"]
+  summary = {}
+  _add_ratio_summaries(
+    summary, cases, "gnorm", ("flax", "haiku", "equinox", "torch"),
+    ("gnorm", "flax", "haiku", "equinox", "torch", "floor"))
   for d in ("fwd", "fwdbwd"):
     cg = [c["compile_s"].get("gnorm", {}).get(d) for c in cases]
     cf = [c["compile_s"].get("flax", {}).get(d) for c in cases]

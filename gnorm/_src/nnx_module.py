@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Sequence
@@ -10,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 from jax.typing import DTypeLike
@@ -140,14 +138,8 @@ class GroupNorm(nnx.Module):
           "gnorm.nnx.GroupNorm needs num_channels, the number of input "
           "channels: GroupNorm(n_groups, num_channels) or "
           "GroupNorm(num_channels=C, group_size=...).")
-    if isinstance(num_channels, (bool, np.bool_)) or not isinstance(
-        num_channels, (numbers.Integral, np.integer)):
-      raise TypeError(
-          f"num_channels must be a positive int, got {num_channels!r} "
-          f"(type {type(num_channels).__name__}).")
-    if num_channels <= 0:
-      raise ValueError(f"num_channels must be a positive int, got {num_channels}.")
-    num_channels = self.num_channels = int(num_channels)
+    num_channels = self.num_channels = validation.check_n_groups(
+        num_channels, what="num_channels")
     if group_size is None:
       validation.check_groups_divide(n_groups, num_channels, f"(..., {num_channels})")
     elif num_channels % group_size:
