@@ -673,6 +673,19 @@ def _progress_bar(total: int, desc: str, progress: bool):
   return tqdm(total=total, desc=desc, unit="round", file=sys.stderr) if tqdm else None
 
 
+def _bytes_accessed(compiled) -> int | None:
+  """XLA's own estimate of the bytes a compiled function reads and writes."""
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  if not ca or "bytes accessed" not in ca:
+    return None
+  return int(ca["bytes accessed"])
+
+
 def run(
   cases, impls, rounds: int, sample_s: float, compile_reps: int, progress: bool = True
 ) -> dict:
@@ -715,6 +728,9 @@ def run(
             mem.setdefault(name, {})[f"{direction}_temp_bytes"] = int(
               ma.temp_size_in_bytes
             )
+          traffic = _bytes_accessed(compiled)
+          if traffic is not None:
+            mem.setdefault(name, {})[f"{direction}_bytes_accessed"] = traffic
     # Accuracy: a wrong kernel should be visible whatever its speed.
     acc = _accuracy(prepared, reference(case, data), case.dtype, "gnorm")
 
@@ -921,6 +937,16 @@ def _add_ratio_summaries(summary: dict, cases: list, ref: str, others: tuple,
         summary[f"{name}/floor/{d}"] = {"per_case": fl, "geomean": geomean(fl)}
 
 
+def _traffic(case: dict, name: str, direction: str) -> int | None:
+  return case["memory"].get(name, {}).get(f"{direction}_bytes_accessed")
+
+
+def _traffic_ratio(case: dict, name: str, direction: str) -> float | None:
+  """Bytes ``name`` moves / bytes gnorm moves (XLA's estimate)."""
+  a, g = _traffic(case, name, direction), _traffic(case, "gnorm", direction)
+  return a / g if a and g else None
+
+
 def summarize(results: dict) -> None:
   """Adds ratios, geometric means and the issue's target checks."""
   cases = results["cases"]
@@ -935,6 +961,11 @@ def summarize(results: dict) -> None:
       summary[f"compile/flax/gnorm/{d}"] = geomean(
         [f / g for f, g in zip(cf, cg, strict=True)]
       )
+
+  for d in ("fwd", "fwdbwd"):
+    tr = [_traffic_ratio(c, "flax", d) for c in cases]
+    if any(t is not None for t in tr):
+      summary[f"traffic/flax/gnorm/{d}"] = {"per_case": tr, "geomean": geomean(tr)}
 
   checks = []
   if "flax/gnorm/fwd" in summary and "flax/gnorm/fwdbwd" in summary:
@@ -1212,6 +1243,8 @@ def to_markdown(results: dict, command: str) -> str:
       )
   lines.append("")
 
+  lines += _traffic_markdown(results, jax_present)
+
   impls_acc = [n for n in present if any(n in c["accuracy"] for c in cases)]
   lines += [
     "## Accuracy (same eps = 1e-5 for all)",
@@ -1251,6 +1284,51 @@ def to_markdown(results: dict, command: str) -> str:
   lines.append("")
   lines += _fused_markdown(results)
   return "\n".join(line for line in lines if line is not None)
+
+
+def _traffic_markdown(results: dict, jax_present: list) -> list[str]:
+  """Bytes moved per call (XLA's cost analysis), in units of x's bytes."""
+  cases, s = results["cases"], results["summary"]
+  impls = [n for n in jax_present if any(_traffic(c, n, "fwd") for c in cases)]
+  if "gnorm" not in impls or "flax" not in impls:
+    return []
+  lines = [
+    "## Memory traffic",
+    "",
+    "Bytes a compiled call reads and writes, XLA's own estimate"
+    " (`compiled.cost_analysis()['bytes accessed']`), in units of x's bytes,"
+    " forward / forward+backward. Where a shape's time is set by memory"
+    " bandwidth, no implementation can beat another by more than the ratio of"
+    " their traffic: the last two columns put that ceiling beside the measured"
+    " forward+backward speedup.",
+    "",
+    "| shape | " + " | ".join(impls)
+    + " | fwd+bwd traffic flax/gnorm | fwd+bwd speed flax/gnorm |",
+    "|---|" + "|".join(["--:"] * (len(impls) + 2)) + "|",
+  ]
+  for c in cases:
+    xb = math.prod(c["shape"]) * jnp.dtype(c["dtype"]).itemsize
+    row = [c["label"]]
+    for n in impls:
+      f, fb = _traffic(c, n, "fwd"), _traffic(c, n, "fwdbwd")
+      row.append(
+        f"{f / xb:.1f} / {fb / xb:.1f}" if f and fb else "—"
+      )
+    tr = _traffic_ratio(c, "flax", "fwdbwd")
+    a, g = _t(c, "flax", "fwdbwd"), _t(c, "gnorm", "fwdbwd")
+    row.append(f"{tr:.2f}×" if tr else "—")
+    row.append(f"{a / g:.2f}×" if a and g else "—")
+    lines.append("| " + " | ".join(row) + " |")
+  e = s.get("traffic/flax/gnorm/fwdbwd")
+  if e:
+    sp = s.get("flax/gnorm/fwdbwd", {}).get("geomean")
+    lines += [
+      "| **geomean** | " + " | ".join([""] * len(impls))
+      + f" | **{e['geomean']:.2f}×** | "
+      + (f"**{sp:.2f}×**" if sp else "—") + " |",
+    ]
+  lines.append("")
+  return lines
 
 
 def _fused_markdown(results: dict) -> list[str]:

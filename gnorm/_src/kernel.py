@@ -281,7 +281,10 @@ def _tangent(cfg: Config, x, gamma, beta, mask, count, mean, rstd,
     # pass then holds no full-size array but x.
     z = _preactivation(v, xv, gamma, beta, mean, rstd, tag=(rstd, mean))
     _, tz = jax.jvp(cfg.activation, (z,), (tz,))
-  return tz.astype(x.dtype).reshape(x.shape)
+  # The barrier sits where the transpose receives the cotangent, before its
+  # conversion to the compute dtype: XLA then converts a half-precision
+  # cotangent once instead of writing one float32 copy per backward pass.
+  return lax.optimization_barrier(tz.astype(x.dtype)).reshape(x.shape)
 
 
 @group_norm_core.defjvp

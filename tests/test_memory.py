@@ -1,0 +1,91 @@
+"""What the backward pass keeps alive and how much scratch memory it compiles to.
+
+Deterministic properties of the compiled program (not timings): a change that
+makes reverse mode keep full-size float32 intermediates, or that makes XLA
+write out float32 copies of ``x`` or of the cotangent, fails here.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gnorm
+
+SHAPE = (2, 32, 32, 128)  # NHWC
+GROUPS = 32
+
+
+def _inputs(dtype, shape=SHAPE, channel_axis=-1):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), dtype)
+  c = shape[channel_axis]
+  params = {
+    "gamma": jnp.asarray(1 + 0.1 * rng.standard_normal(c), jnp.float32),
+    "beta": jnp.asarray(0.1 * rng.standard_normal(c), jnp.float32),
+  }
+  ct = jnp.asarray(rng.standard_normal(shape), dtype)
+  return params, x, ct
+
+
+def _residual_leaves(f, params, x):
+  """(aval, is_x) of each array the function returned by ``jax.vjp`` holds."""
+  jaxpr = jax.make_jaxpr(lambda p, x: jax.tree_util.tree_leaves(jax.vjp(f, p, x)[1]))(
+    params, x
+  ).jaxpr
+  x_var = jaxpr.invars[-1]
+  return [(v.aval, v is x_var) for v in jaxpr.outvars if hasattr(v.aval, "shape")]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+  "shape, channel_axis, kwargs",
+  [
+    (SHAPE, -1, {}),
+    ((2, 128, 32, 32), 1, {}),
+    (SHAPE, -1, {"activation": "silu"}),
+    (SHAPE, -1, {"group_size": 8}),
+  ],
+  ids=["nhwc", "nchw", "silu", "group_size"],
+)
+def test_backward_keeps_only_x_and_per_group_statistics(dtype, shape, channel_axis, kwargs):
+  params, x, _ = _inputs(dtype, shape, channel_axis)
+  n_groups = None if "group_size" in kwargs else GROUPS
+
+  def f(p, x):
+    return gnorm.group_norm(p, x, n_groups, channel_axis=channel_axis, **kwargs)
+
+  leaves = _residual_leaves(f, params, x)
+  assert any(is_x for _, is_x in leaves), "x itself should be the one full-size residual"
+  n, c = shape[0], shape[channel_axis]
+  small = [a for a, is_x in leaves if not is_x]
+  too_big = [a for a in small if a.size > n * c]
+  assert not too_big, f"full-size residuals besides x: {too_big}"
+  # gamma/beta (C each) and per-(N, G) statistics: a few KiB at most.
+  assert sum(a.size * a.dtype.itemsize for a in small) <= 4 * (2 * c + 3 * n * GROUPS)
+
+
+def _fwdbwd_temp_bytes(dtype):
+  params, x, ct = _inputs(dtype)
+
+  def fb(p, x, ct):
+    y, vjp = jax.vjp(lambda p, x: gnorm.group_norm(p, x, GROUPS), p, x)
+    return y, *vjp(ct)
+
+  compiled = jax.jit(fb).lower(params, x, ct).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, x.size
+
+
+def test_float32_fwdbwd_compiles_without_full_size_temporaries():
+  temp, size = _fwdbwd_temp_bytes(jnp.float32)
+  # Every full-size pass reads x and the cotangent directly; what is left is
+  # the (N, C) and (N, G) partial sums.
+  assert temp < size * 4 / 16, f"{temp:,} B of scratch for a {size * 4:,} B input"
+
+
+def test_bfloat16_fwdbwd_temp_is_at_most_one_float32_copy():
+  temp, size = _fwdbwd_temp_bytes(jnp.bfloat16)
+  # XLA:CPU converts the bfloat16 cotangent to float32 once (one float32
+  # copy, 2x the input's bytes); before the output barrier in kernel._tangent
+  # it wrote two such copies.
+  assert temp <= size * 4 + 64 * 1024, f"{temp:,} B of scratch for {size:,} elements"
