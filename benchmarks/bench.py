@@ -50,10 +50,22 @@ measured in the layout it wants. Torch is timed on both a contiguous NCHW and
 a channels-last tensor and the faster counts; forward runs under
 ``torch.no_grad()``, forward+backward is ``torch.autograd.grad`` for ``x``,
 ``weight`` and ``bias``; ``torch.set_num_threads`` is set to the cores XLA
-uses. Parameters are float32 for every implementation, also for the bfloat16
-input (so flax and haiku, which promote to the parameter dtype, return
-float32 there; gnorm, equinox and torch return bfloat16); the floor's ``g``
-and ``b`` are in ``x``'s dtype so that it writes ``x``'s dtype.
+uses, and ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see below). Parameters
+are float32 for every implementation, also for the bfloat16 input (so flax
+and haiku, which promote to the parameter dtype, return float32 there;
+gnorm, equinox and torch return bfloat16); the floor's ``g`` and ``b`` are in
+``x``'s dtype so that it writes ``x``'s dtype.
+
+Two runtimes in one process: torch's OpenMP threads spin after each parallel
+region by default, and on a machine with few cores they then compete with
+XLA's thread pool for the cores the next implementation runs on (and XLA's
+with torch's). Measured on the 2-core machine of the README: interleaving
+torch's ``group_norm`` made gnorm's forward up to 1.6x slower and torch's own
+up to 2x slower than in a process without the other runtime. With
+``OMP_WAIT_POLICY=PASSIVE`` (set here before torch is imported, unless the
+environment already sets it) idle OpenMP threads sleep instead, and both
+sides run close to their undisturbed times. The setting is recorded with the
+results.
 
 Usage::
 
@@ -84,9 +96,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# Before torch (and its OpenMP runtime) can be imported: see the docstring.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 EPS = 1e-5
 ALL_IMPLS = ("gnorm", "flax", "haiku", "equinox", "torch", "floor")
@@ -578,6 +593,7 @@ def machine_info(threads: int) -> dict:
     "jax_devices": [str(d) for d in jax.devices()],
     "versions": versions,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     "loadavg_start": _loadavg(),
     "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
   }
@@ -1104,7 +1120,12 @@ def to_markdown(results: dict, command: str) -> str:
     f"`{m['jax_backend']}`; Python {m['python']}; "
     + ", ".join(f"{k} {val}" for k, val in v.items() if val)
     + ".",
-    (f"torch threads = {m['cores']}. " if "torch" in present or fused_torch else "")
+    (
+      f"torch threads = {m['cores']}, OMP_WAIT_POLICY={m.get('omp_wait_policy') or 'unset'}"
+      " (idle OpenMP threads sleep instead of spinning on the cores XLA needs). "
+      if "torch" in present or fused_torch
+      else ""
+    )
     + f"Load average (1, 5, 15 min) at start {m.get('loadavg_start')}, "
     f"at end {m.get('loadavg_end')} (above the core count, other processes "
     "shared the machine: trust ratios more than times).",
