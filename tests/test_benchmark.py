@@ -119,6 +119,10 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
       assert acc["ok"], (name, acc)
     gres = case["memory"]["gnorm"]["residuals"]
     assert 0 < gres["total_bytes"] and gres["x_bytes"] > 0
+    # XLA's traffic estimate: the backward moves more bytes than the forward.
+    for name in ("gnorm", "flax"):
+      fwd = case["memory"][name]["fwd_bytes_accessed"]
+      assert 0 < fwd < case["memory"][name]["fwdbwd_bytes_accessed"], name
 
   for key, entry in results["summary"].items():
     if key.startswith("compile/"):
@@ -126,6 +130,10 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
     else:
       assert entry["geomean"] > 0, key
   assert {"target", "met", "detail"} <= set(results["checks"][0])
+  assert "## Memory traffic" in md and "traffic/flax/gnorm/fwdbwd" in results["summary"]
+  # Two thread pools in one process: the run records how OpenMP threads idle.
+  expected_policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+  assert results["machine"]["omp_wait_policy"] == expected_policy
   _check_fused_section(md, results["fused"], expected)
 
 

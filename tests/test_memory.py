@@ -89,3 +89,28 @@ def test_bfloat16_fwdbwd_temp_is_at_most_one_float32_copy():
   # copy, 2x the input's bytes); before the output barrier in kernel._tangent
   # it wrote two such copies.
   assert temp <= size * 4 + 64 * 1024, f"{temp:,} B of scratch for {size:,} elements"
+
+
+@pytest.mark.parametrize(
+  "direction, bound", [("fwd", 4.5), ("fwdbwd", 10.5)], ids=["fwd", "fwdbwd"]
+)
+def test_float32_memory_traffic_in_passes_over_x(direction, bound):
+  # XLA's own count of the bytes the compiled program reads and writes, in
+  # units of x's bytes. Forward: read x three times (mean, variance, output)
+  # and write y. Forward+backward adds two reductions over the cotangent
+  # (one with x) and one pass that reads both and writes dx: 10 in all. An
+  # extra full-size pass or a materialised temporary adds at least 1.
+  params, x, ct = _inputs(jnp.float32)
+
+  def fwd(p, x):
+    return gnorm.group_norm(p, x, GROUPS)
+
+  def fb(p, x, ct):
+    y, vjp = jax.vjp(fwd, p, x)
+    return y, *vjp(ct)
+
+  f, args = (fwd, (params, x)) if direction == "fwd" else (fb, (params, x, ct))
+  cost = jax.jit(f).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  passes = cost["bytes accessed"] / x.nbytes
+  assert passes <= bound, f"{direction} moves {passes:.2f}x the bytes of x (bound {bound})"
