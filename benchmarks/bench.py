@@ -61,7 +61,7 @@ region by default, and on a machine with few cores they then compete with
 XLA's thread pool for the cores the next implementation runs on (and XLA's
 with torch's). Measured on the 2-core machine of the README: interleaving
 torch's ``group_norm`` made gnorm's forward up to 1.6x slower and torch's own
-up to 2x slower than in a process without the other runtime. With
+up to 1.9x slower than in a process without the other runtime. With
 ``OMP_WAIT_POLICY=PASSIVE`` (set here before torch is imported, unless the
 environment already sets it) idle OpenMP threads sleep instead, and both
 sides run close to their undisturbed times. The setting is recorded with the
