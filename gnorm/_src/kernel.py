@@ -182,8 +182,8 @@ def _rsqrt(t: jax.Array) -> jax.Array:
 
   XLA:CPU (jax 0.10) takes 150-200 ms longer to compile an ``rsqrt`` fused
   over some 2-D shapes, such as (8, 32), than over the same elements in one
-  dimension; barriers keep the flat shape from being folded back. Compiled
-  away on other backends; the values are identical.
+  dimension; barriers keep the flat shape from being folded back. They copy
+  nothing, and the values are identical.
   """
   flat = lax.optimization_barrier(t.reshape(-1))
   return lax.optimization_barrier(lax.rsqrt(flat)).reshape(t.shape)
