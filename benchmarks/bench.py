@@ -689,17 +689,20 @@ def _progress_bar(total: int, desc: str, progress: bool):
   return tqdm(total=total, desc=desc, unit="round", file=sys.stderr) if tqdm else None
 
 
-def _bytes_accessed(compiled) -> int | None:
-  """XLA's own estimate of the bytes a compiled function reads and writes."""
+def _record_compiled(mem: dict, direction: str, compiled) -> None:
+  """Stores a compiled function's temp bytes and XLA's estimate of the bytes
+  it reads and writes, where the backend reports them."""
+  ma = compiled.memory_analysis()
+  if ma is not None:
+    mem[f"{direction}_temp_bytes"] = int(ma.temp_size_in_bytes)
   try:
     ca = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 - not every backend implements it
-    return None
+    return
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else None
-  if not ca or "bytes accessed" not in ca:
-    return None
-  return int(ca["bytes accessed"])
+  if ca and "bytes accessed" in ca:
+    mem[f"{direction}_bytes_accessed"] = int(ca["bytes accessed"])
 
 
 def run(
@@ -739,14 +742,7 @@ def run(
         for direction in ("fwd", "fwdbwd"):
           t, compiled = p.compile_once(direction)
           comp.setdefault(name, {}).setdefault(direction, []).append(t)
-          ma = compiled.memory_analysis()
-          if ma is not None:
-            mem.setdefault(name, {})[f"{direction}_temp_bytes"] = int(
-              ma.temp_size_in_bytes
-            )
-          traffic = _bytes_accessed(compiled)
-          if traffic is not None:
-            mem.setdefault(name, {})[f"{direction}_bytes_accessed"] = traffic
+          _record_compiled(mem.setdefault(name, {}), direction, compiled)
     # Accuracy: a wrong kernel should be visible whatever its speed.
     acc = _accuracy(prepared, reference(case, data), case.dtype, "gnorm")
 
@@ -816,11 +812,7 @@ def run_fused(
       for direction in ("fwd", "fwdbwd"):
         t, compiled = p.compile_once(direction)
         comp.setdefault(name, {})[direction] = t
-        ma = compiled.memory_analysis()
-        if ma is not None:
-          mem.setdefault(name, {})[f"{direction}_temp_bytes"] = int(
-            ma.temp_size_in_bytes
-          )
+        _record_compiled(mem.setdefault(name, {}), direction, compiled)
     acc = _accuracy(
       prepared, reference(case, data, activation="silu"), case.dtype, "gnorm_fused"
     )
@@ -900,18 +892,25 @@ def _summarize_fused(fused: dict) -> None:
         f"{summary['gnorm_unfused/gnorm_fused/fwd']['geomean']:.2f}×)",
       )
     )
+  checks.append(_accuracy_check(cases))
+  fused["summary"] = summary
+  fused["checks"] = _check_records(checks)
+
+
+def _accuracy_check(cases: list) -> tuple[str, bool, str]:
+  """The target every section shares: no implementation outside its bound."""
   bad = [
     f"{c['label']} {n}" for c in cases for n, a in c["accuracy"].items() if not a["ok"]
   ]
-  checks.append(
-    (
-      "every implementation within the accuracy bound",
-      not bad,
-      "mismatch: " + ", ".join(bad) if bad else "all agree",
-    )
+  return (
+    "every implementation within the accuracy bound",
+    not bad,
+    "mismatch: " + ", ".join(bad) if bad else "all agree",
   )
-  fused["summary"] = summary
-  fused["checks"] = [{"target": t, "met": bool(ok), "detail": d} for t, ok, d in checks]
+
+
+def _check_records(checks: list) -> list[dict]:
+  return [{"target": t, "met": bool(ok), "detail": d} for t, ok, d in checks]
 
 
 def _t(case: dict, name: str, direction: str, stat: str = "median_s") -> float | None:
@@ -1058,20 +1057,9 @@ def summarize(results: dict) -> None:
         f"fwd {cf:.2f}x, fwd+bwd {cb:.2f}x",
       )
     )
-  bad = [
-    f"{c['label']} {n}" for c in cases for n, a in c["accuracy"].items() if not a["ok"]
-  ]
-  checks.append(
-    (
-      "every implementation within the accuracy bound",
-      not bad,
-      "mismatch: " + ", ".join(bad) if bad else "all agree",
-    )
-  )
+  checks.append(_accuracy_check(cases))
   results["summary"] = summary
-  results["checks"] = [
-    {"target": t, "met": bool(ok), "detail": d} for t, ok, d in checks
-  ]
+  results["checks"] = _check_records(checks)
 
 
 # --------------------------------------------------------------------------
