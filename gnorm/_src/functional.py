@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from gnorm._src import kernel
+from gnorm._src import derivative
+from gnorm._src import maths
 from gnorm._src import validation
 
 
@@ -154,10 +155,10 @@ def group_norm(
   gamma = validation.check_affine("gamma", gamma, shape, axis)
   beta = validation.check_affine("beta", beta, shape, axis)
   mask = validation.check_mask(mask, shape)
-  activation = validation.check_activation(activation, kernel.ACTIVATIONS)
+  activation = validation.check_activation(activation, maths.ACTIVATIONS)
   axis_name = validation.check_axis_name(axis_name)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     # As the seed's layer casts its input to float32.
     x = x.astype(jnp.float32)
-  cfg = kernel.Config(n_groups, eps, axis, axis_name, activation)
-  return kernel.group_norm_core(x, gamma, beta, mask, cfg)
+  cfg = maths.Config(n_groups, eps, axis, axis_name, activation)
+  return derivative.group_norm_core(x, gamma, beta, mask, cfg)

@@ -26,7 +26,7 @@ from jax.typing import DTypeLike
 
 from gnorm._src import functional
 from gnorm._src import initializers
-from gnorm._src import kernel
+from gnorm._src import maths
 from gnorm._src import naming
 from gnorm._src import validation
 
@@ -107,7 +107,7 @@ def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,
     raise TypeError(f"param_dtype must be a dtype, got {param_dtype!r}.") from None
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"param_dtype must be a floating dtype, got {dtype}.")
-  validation.check_activation(activation, kernel.ACTIVATIONS)
+  validation.check_activation(activation, maths.ACTIVATIONS)
   validation.check_axis_name(axis_name)
 
 

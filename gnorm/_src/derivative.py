@@ -1,0 +1,112 @@
+"""The derivative of Group Normalization: a lean, forward-mode-safe rule.
+
+``group_norm_core`` is a ``jax.custom_jvp`` whose tangent map is wrapped in
+``jax.checkpoint``: reverse mode (linearise, then transpose) keeps only ``x``
+and the per-(N, G) statistics alive and recomputes ``x - mean`` (and the
+pre-activation) in the backward pass, while forward mode and higher orders
+keep working because the rule is ordinary differentiable JAX code. (A
+``custom_vjp`` would make ``jax.jvp`` and ``jax.jacfwd`` raise.)
+
+Both the forward and the tangent map run through ``backends.per_platform``:
+the maths is written once and lowered with each platform's hints.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from gnorm._src import backends
+from gnorm._src.backends.hints import Hints
+from gnorm._src.maths import Config
+from gnorm._src.maths import forward
+from gnorm._src.maths import group_sum
+from gnorm._src.maths import masked
+from gnorm._src.maths import per_channel
+from gnorm._src.maths import preactivation
+from gnorm._src.maths import view
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def group_norm_core(x, gamma, beta, mask, cfg: Config):
+  """Normalises validated input; see ``maths.py`` for the conventions."""
+  return backends.per_platform(forward, cfg)(x, gamma, beta, mask)[0]
+
+
+def tangent(h: Hints, cfg: Config, x, gamma, beta, mask, count, mean, rstd,
+            tx, tgamma, tbeta):
+  """The tangent map of ``group_norm_core``; linear in ``(tx, tgamma, tbeta)``.
+
+  Written with per-(sample, channel) reductions only, so that its transpose,
+  the backward pass, has the same fast reduction shape as the forward pass.
+  """
+  v = view(x.shape, cfg.channel_axis)
+  n, c, g = v.shape[0], v.channels, cfg.n_groups
+  cdt = mean.dtype
+  xv = x.reshape(v.shape)
+  txv = tx.reshape(v.shape)
+  mv = None if mask is None else mask.reshape(v.shape)
+  if count is None:  # no mask, no shards: a compile-time constant
+    count = jnp.full(mean.shape, v.count * (c // g), cdt)
+  safe = jnp.maximum(count, 1)
+  # With xhat = xc * rstd:  d mean = mean_g(tx),  d rstd = -rstd^3 mean_g(xc tx),
+  # so d xhat = rstd (tx - d mean) - xc rstd^3 mean_g(xc tx), where mean_g
+  # runs over the counted elements of the group (on every shard). Tangents
+  # and primal values get separate handles (``h.separate``): their transposes
+  # then hand each backward pass its own copy-free cotangent operand.
+  (t1,) = h.separate(txv)
+  s_tx = group_sum(h.fence(v.sum_nc(masked(mv, t1.astype(cdt)))), g)
+  x2, mean_c2, _ = h.separate(xv, per_channel(mean, c), rstd)
+  t2, s_tx = h.separate(txv, s_tx)
+  s_txxc = v.sum_nc(masked(mv, t2.astype(cdt) * (x2.astype(cdt) - v.bc(mean_c2))))
+  s_txxc = group_sum(h.fence(s_txxc), g)
+  if cfg.axis_name is not None:
+    s_tx, s_txxc = jax.lax.psum(jnp.stack([s_tx, s_txxc]), cfg.axis_name)
+  dmean, dvar_half = s_tx / safe, s_txxc / safe
+  rstd_c = per_channel(rstd, c)
+  gam = None if gamma is None else gamma.astype(cdt)
+  # tz = tx * a + c0 + xc * c1 with a, c0, c1 all (N, C): every per-channel
+  # term is folded into c0 and c1 so that the transpose reads x and the
+  # cotangent in one reduction pass (sum ct, sum ct * xc) and one elementwise
+  # pass, and dgamma / dbeta fall out of those (N, C) sums.
+  a = rstd_c if gam is None else rstd_c * gam
+  c0 = -per_channel(rstd * dmean, c)
+  c1 = -per_channel(rstd * rstd * rstd * dvar_half, c)
+  if gam is not None:
+    c0, c1 = c0 * gam, c1 * gam
+  if tgamma is not None:
+    c1 = c1 + rstd_c * jnp.broadcast_to(tgamma.astype(cdt), (n, c))
+  if tbeta is not None:
+    # The fence keeps the compiler from merging sum_n(sum_s ct) into a second
+    # full pass over ct: dbeta then comes from the (N, C) sums already made.
+    one = h.fence(jnp.ones((n, c), cdt))
+    c0 = c0 + jnp.broadcast_to(tbeta.astype(cdt), (n, c)) * one
+  x3, mean_c3, a = h.separate(xv, per_channel(mean, c), a)
+  t3, c0, c1 = h.separate(txv, c0, c1)
+  tz = t3.astype(cdt) * v.bc(a) + v.bc(c0) + (x3.astype(cdt) - v.bc(mean_c3)) * v.bc(c1)
+  if cfg.activation is not None:
+    # Recompute the pre-activation from x rather than keep it: the backward
+    # pass then holds no full-size array but x.
+    z = preactivation(h, v, xv, gamma, beta, mean, rstd, tag=(rstd, mean))
+    _, tz = jax.jvp(cfg.activation, (z,), (tz,))
+  # The fence sits where the transpose receives the cotangent, before its
+  # conversion to the compute dtype.
+  return h.fence(tz.astype(x.dtype)).reshape(x.shape)
+
+
+@group_norm_core.defjvp
+def _group_norm_core_jvp(cfg: Config, primals, tangents):
+  x, gamma, beta, mask = primals
+  tx, tgamma, tbeta, _ = tangents
+  y, (count, mean, rstd) = backends.per_platform(forward, cfg)(x, gamma, beta, mask)
+  # Checkpointing the tangent map is what keeps reverse mode lean: its
+  # residuals are its inputs (x, the (N, G) statistics and the small affine
+  # parameters), not the full-size float32 intermediates it computes.
+  ty = jax.checkpoint(backends.per_platform(tangent, cfg))(
+      x, gamma, None if cfg.activation is None else beta, mask,
+      None if mask is None and cfg.axis_name is None else count, mean, rstd, tx,
+      None if gamma is None else tgamma,
+      None if beta is None else tbeta)
+  return y, ty
