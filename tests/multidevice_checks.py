@@ -8,6 +8,7 @@ script prints one JSON object mapping check names to ``"ok"`` or the error.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import traceback
@@ -31,7 +32,11 @@ def _mesh(shape=(2, 4), names=("b", "s")):
 
 
 def _naive(params, x, n_groups, mask=None, eps=1e-5):
-  """Float64 plain-autodiff GroupNorm (channels last): the oracle."""
+  """Float64 plain-autodiff GroupNorm (channels last): the oracle.
+
+  jnp.where(m, xg - mean, 0) inside: padding must not reach the gradient
+  (a NaN there would, through the discarded branch's derivative).
+  """
   n, c = x.shape[0], x.shape[-1]
   xg = x.reshape(n, -1, n_groups, c // n_groups)
   m = (jnp.ones(x.shape, bool) if mask is None
@@ -41,7 +46,9 @@ def _naive(params, x, n_groups, mask=None, eps=1e-5):
   var = (jnp.where(m, xg - mean, 0) ** 2).sum(axis=(1, 3), keepdims=True) / cnt
   y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape)
   b = (1,) * (x.ndim - 1) + (c,)
-  return y * params["gamma"].reshape(b) + params["beta"].reshape(b)
+  y = y * params["gamma"].reshape(b) + params["beta"].reshape(b)
+  # Masked-out positions output 0 (gnorm's documented choice).
+  return jnp.where(m.reshape(x.shape), y, 0)
 
 
 def _data(shape, seed=0, loc=3.0):
@@ -191,6 +198,41 @@ def check_all_options_compose_with_axis_name():
     _close(a, b)
 
 
+def check_nan_padding_with_axis_name_reaches_no_gradient():
+  # Issue 12: NaN and Inf in the padding of unequal shards (one shard of
+  # sample 1 counts nothing), all options on, float32: the gradients equal
+  # those of zeros in the padding, within 1e-6.
+  mesh = _mesh()
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(4, 16, 3, 8)) * 2 + 5).astype(np.float32)
+  lengths = np.array([11, 2, 16, 7])
+  mask = np.arange(16)[None, :, None, None] < lengths[:, None, None, None]  # (4, 16, 1, 1)
+  params = {"gamma": (rng.normal(size=(4, 8)) + 1).astype(np.float32),
+            "beta": rng.normal(size=(4, 8)).astype(np.float32)}
+  ct = rng.normal(size=x.shape).astype(np.float32)
+  spec = P("b", "s")
+  sharded = jax.shard_map(
+      lambda p, x, m: gnorm.group_norm(p, x, group_size=4, mask=m, activation="silu",
+                                       axis_name="s"),
+      mesh=mesh, in_specs=(P("b"), spec, spec), out_specs=spec)
+
+  def loss(p, x, m):
+    return jnp.sum(jnp.where(m, sharded(p, x, m), 0.0) * ct)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+  counted = np.broadcast_to(mask, x.shape)
+  want = grad(put(params, P("b")), put(np.where(counted, x, 0), spec), put(mask, spec))
+  for garbage in (np.nan, np.inf):
+    dirty = np.where(counted, x, np.float32(garbage))
+    got = grad(put(params, P("b")), put(dirty, spec), put(mask, spec))
+    for k in ("gamma", "beta"):
+      np.testing.assert_allclose(got[0][k], want[0][k], rtol=1e-6, atol=1e-6)
+    gx, wx = np.asarray(got[1]), np.asarray(want[1])
+    np.testing.assert_allclose(gx[counted], wx[counted], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(gx[~counted], 0.0)
+
+
 def check_pmap_axis_name():
   # Split the spatial axis of a (2, 16, 8) input into 4 pieces of 4.
   x, params = _data((2, 16, 8))
@@ -314,17 +356,18 @@ def _mnist_data_parallel_case():
   te = rng.choice(len(data.test_labels), 128, replace=False)
   small = input_pipeline.Dataset(data.train_images[tr], data.train_labels[tr],
                                  data.test_images[te], data.test_labels[te])
-  mesh = train.make_mesh()
-  assert mesh.size == 8 and mesh.axis_names == (train.BATCH_AXIS,), mesh
+  mesh8 = train.make_mesh()
+  assert mesh8.size == 8 and mesh8.axis_names == (train.BATCH_AXIS,), mesh8
   quiet = dict(progress=False, log=lambda s: None)
-  for norm in ("group", "batch"):
+  # README: 1, 2 and 8 devices train the same network (8 steps of 32).
+  for norm, mesh in itertools.product(("group", "batch"), (train.make_mesh(2), mesh8)):
     config = train.Config(epochs=1, batch_size=32, norm=norm)  # 8 steps
     one, h_one = train.train(config, small, **quiet)
     dp, h_dp = train.train(config, small, mesh=mesh, **quiet)
-    # Trained data-parallel: every array replicated on the 8 devices.
+    # Trained data-parallel: every array replicated on the mesh's devices.
     for leaf in jax.tree_util.tree_leaves(dp.params):
       assert leaf.sharding.is_fully_replicated, leaf.sharding
-      assert len(leaf.sharding.device_set) == 8, leaf.sharding
+      assert len(leaf.sharding.device_set) == mesh.size, leaf.sharding
     assert int(dp.step) == int(one.step) == 8
     params_one = jax.device_get(one.params)
     params_dp = jax.device_get(dp.params)
@@ -364,7 +407,7 @@ def _mnist_data_parallel_case():
                                    stats_one[layer]["var"], rtol=1e-5)
   # A batch that does not split evenly is refused, by train() and the CLI.
   try:
-    train.train(train.Config(epochs=1, batch_size=36), small, mesh=mesh,
+    train.train(train.Config(epochs=1, batch_size=36), small, mesh=mesh8,
                 **quiet)
   except ValueError as e:
     assert "multiple of the number of devices (8)" in str(e), e

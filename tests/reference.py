@@ -36,6 +36,8 @@ def _act64(name, z):
   if name == "gelu":
     from math import erf
     return 0.5 * z * (1 + np.vectorize(erf)(z / np.sqrt(2)))
+  if name == "gelu_tanh":
+    return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
   raise ValueError(name)
 
 
@@ -43,8 +45,8 @@ def group_norm_ref_full(x, n_groups, gamma=None, beta=None, eps=1e-5,
                         channel_axis=-1, mask=None, activation=None):
   """Float64 reference with a mask, per-sample (N, C) gamma/beta, activation.
 
-  ``mask`` broadcasts to ``x`` (True = counted). A group with nothing counted
-  outputs ``act(beta)``.
+  ``mask`` broadcasts to ``x`` (True = counted); masked-out positions output
+  0. A group whose variance plus ``eps`` is 0 normalises to 0.
   """
   x = np.asarray(x, dtype=np.float64)
   m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
@@ -57,7 +59,9 @@ def group_norm_ref_full(x, n_groups, gamma=None, beta=None, eps=1e-5,
   xz = np.where(mg, xg, 0.0)
   mean = xz.sum(axis=(1, 3), keepdims=True) / np.maximum(cnt, 1)
   var = (np.where(mg, xg - mean, 0.0) ** 2).sum(axis=(1, 3), keepdims=True) / np.maximum(cnt, 1)
-  xhat = np.where(cnt > 0, (xg - mean) / np.sqrt(var + eps), 0.0).reshape(xl.shape)
+  ok = (cnt > 0) & (var + eps > 0)
+  xhat = np.where(ok, (xg - mean) / np.sqrt(np.where(ok, var + eps, 1.0)), 0.0)
+  xhat = xhat.reshape(xl.shape)
   def per(p):
     p = np.asarray(p, np.float64)
     return p.reshape(1, 1, c) if p.ndim == 1 else p.reshape(n, 1, c)
@@ -66,5 +70,5 @@ def group_norm_ref_full(x, n_groups, gamma=None, beta=None, eps=1e-5,
     y = y * per(gamma)
   if beta is not None:
     y = y + per(beta)
-  y = _act64(activation, y.reshape(xl.shape))
+  y = np.where(ml, _act64(activation, y.reshape(xl.shape)), 0.0)
   return np.moveaxis(y, -1, channel_axis)

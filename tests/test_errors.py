@@ -92,7 +92,7 @@ def test_traced_eps_is_a_clear_type_error():
     ({"gamma": np.ones(8), "bias": 0, "offset": 1}, ValueError,
      r"unknown key\(s\) \['bias', 'offset'\]"),
     ([np.ones(8)], TypeError, r"params must be a mapping"),
-    ({"gamma": np.ones(8, np.complex64)}, TypeError, r"gamma must be real; complex"),
+    ({"gamma": np.ones(8, np.complex64)}, TypeError, r"gamma must be real; got complex"),
     ({"beta": "zero"}, TypeError, r"beta must be"),
 ])
 def test_bad_params(params, exc, pattern):
@@ -120,3 +120,31 @@ def test_errors_are_raised_at_trace_time_under_jit():
   with pytest.raises(ValueError, match=r"gamma has shape \(5,\)"):
     g.lower({"gamma": jax.ShapeDtypeStruct((5,), jnp.float32)},
             jax.ShapeDtypeStruct((2, 4, 4, 8), jnp.float32))
+
+
+@pytest.mark.parametrize("kwargs,value", [
+    (dict(params=[np.ones(8)]), "[array("),
+    (dict(params=np.ones(8)), "array([1., 1."),
+    (dict(params={"scale": np.ones(8)}), "'scale'"),
+    (dict(params={"gamma": np.ones(8, np.complex64)}), "complex64"),
+    (dict(params={"gamma": np.ones((3, 8))}), "(3, 8)"),
+    (dict(params={"beta": "zero"}), "'zero'"),
+    (dict(params={"beta": np.array(["a"] * 8)}), "<U1"),
+    (dict(mask=np.ones((2, 4, 4, 1), np.float32)), "float32"),
+    (dict(mask=np.ones((2, 3, 4, 1), bool)), "(2, 3, 4, 1)"),
+    (dict(mask="all"), "str"),
+    (dict(activation="swishy"), "'swishy'"),
+    (dict(activation=3), "3"),
+    (dict(axis_name=["a", {}]), "'a', {}"),
+    (dict(n_groups=3), "(3)"),
+    (dict(eps=-1.0), "-1.0"),
+    (dict(channel_axis=9), "9"),
+])
+def test_every_error_names_the_value_and_the_input_shape(kwargs, value):
+  # README: "every error names the offending value and the input shape".
+  kwargs = {"params": None, "n_groups": 2, **kwargs}
+  with pytest.raises((TypeError, ValueError)) as info:
+    gnorm.group_norm(x=X, **kwargs)
+  message = str(info.value)
+  assert value in message, message
+  assert "(2, 4, 4, 8)" in message, message

@@ -55,6 +55,9 @@ CASES = {
     "per_sample_affine": (_affine((N, C)), S((N, H, W, C), F32), None, dict(n_groups=4)),
     "bfloat16": (_affine(), S((N, H, W, C), BF16), None, dict(n_groups=4)),
     "float16": (_affine(), S((N, H, W, C), F16), None, dict(n_groups=4)),
+    # eps=0 takes a per-group shift (maths.pivot); with a mask it is masked too.
+    "eps_zero_mask": (_affine(), S((N, H, W, C), F32), S((N, H, W, 1), jnp.bool_),
+                      dict(n_groups=4, eps=0.0)),
     # Everything at once, channels-first in bfloat16.
     "all_options": (_affine((N, C)), S((N, C, H, W), BF16), S((N, 1, H, W), jnp.bool_),
                     dict(group_size=4, channel_axis=1, activation="silu")),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -398,14 +396,15 @@ def test_property_matches_reference(case):
   y = np.asarray(_jgn({"gamma": gamma, "beta": beta}, x, n_groups=n_groups,
                       channel_axis=channel_axis), np.float64)
   ref = group_norm_ref(x, n_groups, gamma, beta, 1e-5, channel_axis)
-  # float32 rounds the group mean by about eps32 * |x|; the output error is
-  # that times rstd * gamma. Bound it per group with a generous factor.
+  # README's bounds, scaled to the data's spread: float32 holds 1e-5 where
+  # max|x| / std is about 4 (N(0, 1)), and 1e-4 at N(100, 3^2), where it is
+  # about 37: the group mean's rounding, eps32 * max|x|, times rstd. So the
+  # bound is 1e-5 * max(1, max|x| * rstd / 4) per (sample, group).
   xl = np.moveaxis(x.astype(np.float64), channel_axis, -1)
   xg = xl.reshape(shape[0], -1, n_groups, xl.shape[-1] // n_groups)
   rstd = 1 / np.sqrt(xg.var(axis=(1, 3)) + 1e-5)  # (N, G)
   amax = np.abs(xg).max(axis=(1, 3))
-  m = xg.shape[1] * xg.shape[3]
-  tol_ng = 1e-5 + 16 * F32_EPS * (1 + math.log2(m)) * amax * rstd * 1.5
+  tol_ng = 1e-5 * np.maximum(1.0, amax * rstd / 4)
   tol = np.moveaxis(np.broadcast_to(
       np.repeat(tol_ng, xl.shape[-1] // n_groups, axis=1)[:, None, :],
       (shape[0], xg.shape[1], xl.shape[-1])).reshape(xl.shape), -1, channel_axis)

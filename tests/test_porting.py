@@ -59,10 +59,55 @@ def _check(params, w=W, b=B):
     np.testing.assert_array_equal(got, want)
 
 
-def test_default_epsilons():
-  assert dict(gnorm.DEFAULT_EPSILON) == {
-      "gnorm": 1e-5, "neupy": 1e-5, "pytorch": 1e-5, "flax": 1e-6,
-      "haiku": 1e-5, "equinox": 1e-5, "keras": 1e-3}
+def _installed_default_epsilons():
+  """Each framework's GroupNorm default, read from the installed package.
+
+  flax is always installed (gnorm depends on it); torch, haiku, equinox and
+  keras are read where installed (``pip install -e ".[bench]"`` adds the
+  first three). neupy is the seed's documentation: 1e-5.
+  """
+  import importlib.util
+  import inspect
+
+  import flax.linen
+  from flax import nnx
+
+  def default(fn, name):
+    return inspect.signature(fn).parameters[name].default
+
+  found = {
+    "gnorm": default(gnorm.group_norm, "eps"),
+    "flax": flax.linen.GroupNorm.epsilon,
+    "flax.nnx": default(nnx.GroupNorm.__init__, "epsilon"),
+  }
+  if importlib.util.find_spec("torch"):
+    import torch
+
+    found["pytorch"] = default(torch.nn.GroupNorm.__init__, "eps")
+  if importlib.util.find_spec("haiku"):
+    import haiku
+
+    found["haiku"] = default(haiku.GroupNorm.__init__, "eps")
+  if importlib.util.find_spec("equinox"):
+    import equinox
+
+    found["equinox"] = default(equinox.nn.GroupNorm.__init__, "eps")
+  if importlib.util.find_spec("keras"):
+    import keras
+
+    found["keras"] = default(keras.layers.GroupNormalization.__init__, "epsilon")
+  return found
+
+
+def test_default_epsilons_match_the_installed_frameworks():
+  found = _installed_default_epsilons()
+  assert found.pop("flax.nnx") == found["flax"]  # one entry for both flax APIs
+  assert {"gnorm", "flax"} <= set(found)
+  for name, eps in found.items():
+    assert gnorm.DEFAULT_EPSILON[name] == eps, (name, eps)
+  assert gnorm.DEFAULT_EPSILON["neupy"] == 1e-5  # the seed's documentation
+  assert set(gnorm.DEFAULT_EPSILON) == {
+      "gnorm", "neupy", "pytorch", "flax", "haiku", "equinox", "keras"}
   with pytest.raises(TypeError):
     gnorm.DEFAULT_EPSILON["flax"] = 1e-5  # read-only
   # The modules' default is the seed's (and PyTorch's).

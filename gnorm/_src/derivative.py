@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gnorm._src import backends
+from gnorm._src.backends import pallas
 from gnorm._src.backends.hints import Hints
 from gnorm._src.maths import Config
 from gnorm._src.maths import forward
@@ -29,10 +30,17 @@ from gnorm._src.maths import preactivation
 from gnorm._src.maths import view
 
 
+def _forward(cfg: Config):
+  """``forward``'s values by the configured implementation."""
+  if cfg.implementation == "pallas":
+    return functools.partial(pallas.forward, cfg)
+  return backends.per_platform(forward, cfg)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def group_norm_core(x, gamma, beta, mask, cfg: Config):
   """Normalises validated input; see ``maths.py`` for the conventions."""
-  return backends.per_platform(forward, cfg)(x, gamma, beta, mask)[0]
+  return _forward(cfg)(x, gamma, beta, mask)[0]
 
 
 def tangent(h: Hints, cfg: Config, x, gamma, beta, mask, count, mean, rstd,
@@ -47,7 +55,7 @@ def tangent(h: Hints, cfg: Config, x, gamma, beta, mask, count, mean, rstd,
   cdt = mean.dtype
   xv = x.reshape(v.shape)
   txv = tx.reshape(v.shape)
-  mv = None if mask is None else mask.reshape(v.shape)
+  mv = None if mask is None else v.mask(mask, x.shape)
   if count is None:  # no mask, no shards: a compile-time constant
     count = jnp.full(mean.shape, v.count * (c // g), cdt)
   safe = jnp.maximum(count, 1)
@@ -60,7 +68,9 @@ def tangent(h: Hints, cfg: Config, x, gamma, beta, mask, count, mean, rstd,
   s_tx = group_sum(h.fence(v.sum_nc(masked(mv, t1.astype(cdt)))), g)
   x2, mean_c2, _ = h.separate(xv, per_channel(mean, c), rstd)
   t2, s_tx = h.separate(txv, s_tx)
-  s_txxc = v.sum_nc(masked(mv, t2.astype(cdt) * (x2.astype(cdt) - v.bc(mean_c2))))
+  # The mask goes on the centred x, not on the product: its transpose then
+  # multiplies the cotangent by 0, not by a NaN from the padding.
+  s_txxc = v.sum_nc(t2.astype(cdt) * masked(mv, x2.astype(cdt) - v.bc(mean_c2)))
   s_txxc = group_sum(h.fence(s_txxc), g)
   if cfg.axis_name is not None:
     s_tx, s_txxc = jax.lax.psum(jnp.stack([s_tx, s_txxc]), cfg.axis_name)
@@ -85,12 +95,16 @@ def tangent(h: Hints, cfg: Config, x, gamma, beta, mask, count, mean, rstd,
     c0 = c0 + jnp.broadcast_to(tbeta.astype(cdt), (n, c)) * one
   x3, mean_c3, a = h.separate(xv, per_channel(mean, c), a)
   t3, c0, c1 = h.separate(txv, c0, c1)
-  tz = t3.astype(cdt) * v.bc(a) + v.bc(c0) + (x3.astype(cdt) - v.bc(mean_c3)) * v.bc(c1)
+  xc3 = masked(mv, x3.astype(cdt) - v.bc(mean_c3))
+  tz = t3.astype(cdt) * v.bc(a) + v.bc(c0) + xc3 * v.bc(c1)
   if cfg.activation is not None:
     # Recompute the pre-activation from x rather than keep it: the backward
     # pass then holds no full-size array but x.
-    z = preactivation(h, v, xv, gamma, beta, mean, rstd, tag=(rstd, mean))
+    z = preactivation(h, v, xv, mv, gamma, beta, mean, rstd, tag=(rstd, mean))
     _, tz = jax.jvp(cfg.activation, (z,), (tz,))
+  # Masked-out outputs are constant 0; their cotangent is dropped here,
+  # before it can meet anything from the padding.
+  tz = masked(mv, tz)
   # The fence sits where the transpose receives the cotangent, before its
   # conversion to the compute dtype.
   return h.fence(tz.astype(x.dtype)).reshape(x.shape)
@@ -100,7 +114,7 @@ def tangent(h: Hints, cfg: Config, x, gamma, beta, mask, count, mean, rstd,
 def _group_norm_core_jvp(cfg: Config, primals, tangents):
   x, gamma, beta, mask = primals
   tx, tgamma, tbeta, _ = tangents
-  y, (count, mean, rstd) = backends.per_platform(forward, cfg)(x, gamma, beta, mask)
+  y, (count, mean, rstd) = _forward(cfg)(x, gamma, beta, mask)
   # Checkpointing the tangent map is what keeps reverse mode lean: its
   # residuals are its inputs (x, the (N, G) statistics and the small affine
   # parameters), not the full-size float32 intermediates it computes.

@@ -26,6 +26,7 @@ def group_norm(
     mask: ArrayLike | None = None,
     activation: str | Callable[[jax.Array], jax.Array] | None = None,
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    implementation: str = "auto",
 ) -> jax.Array:
   r"""Group Normalization (Wu & He, 2018) as a pure function.
 
@@ -47,7 +48,10 @@ def group_norm(
   ``jax_enable_x64`` stays float64) with a two-pass variance, so data whose
   mean is large against its spread keeps its digits; the output has the
   input's dtype. Integer and bool input is promoted to float32. NaN or Inf in
-  ``x`` is not masked: it makes the statistics, and so the whole group, NaN.
+  ``x`` that is not masked out makes the statistics, and so the whole group,
+  NaN. A group whose variance plus ``eps`` is 0 (with ``eps=0``: a constant
+  group, or one with a single element) normalises to 0, so its output is
+  ``act(beta)``, with finite gradients, not NaN.
 
   The function is stateless and safe under ``jit``, ``vmap``, ``grad``,
   ``jvp``, ``hessian`` and sharding. Its derivative rule keeps only ``x`` and
@@ -56,11 +60,11 @@ def group_norm(
   Beyond the paper, all composable with each other:
 
   * ``group_size`` instead of ``n_groups`` (exactly one of the two);
-  * ``mask``: positions where it is False are left out of the statistics
-    (padding cannot change the result); every position is normalised with
-    those statistics. A group with no counted element outputs ``act(beta)``
-    and passes no gradient to ``x``. Masked-out positions are still
-    normalised, so NaN or Inf there gives NaN or Inf there (only);
+  * ``mask``: positions where it is False are padding. They are left out of
+    the statistics, their output is 0 and they receive no gradient, so
+    whatever they hold (even NaN or Inf) reaches no output and no gradient:
+    the counted outputs and every gradient equal those of zeros in the
+    padding. A group with no counted element outputs 0 everywhere;
   * ``activation``: ``"relu"``, ``"silu"`` (alias ``"swish"``), ``"gelu"``
     (exact, erf), ``"gelu_tanh"`` or any callable, fused into the same pass;
     the backward pass recomputes it from ``x`` instead of keeping it;
@@ -90,10 +94,20 @@ def group_norm(
       channels-last as in the seed). It may not be the batch axis 0.
     group_size: channels per group, instead of ``n_groups``.
     mask: boolean array broadcastable to ``x`` (for example ``(N, L, 1)`` for
-      padded sequences); True marks the positions that count.
+      padded sequences); True marks the positions that count, False the
+      padding, whose output is 0. The backward pass keeps it as given.
     activation: applied after the affine transform, fused.
     axis_name: a mesh axis name or tuple of names to combine statistics over
       (inside ``shard_map``/``pmap`` only).
+    implementation: ``"auto"`` (default), ``"xla"`` or ``"pallas"``. ``"xla"``
+      is the maths above as XLA fusions, on every platform. ``"pallas"`` runs
+      the forward as two Pallas kernels (Triton) on CUDA GPUs, and in Pallas's
+      interpreter elsewhere (for tests: slow); it covers channels-last and
+      channels-first input, every dtype, group count and activation, per
+      sample gamma/beta, but not ``mask``, ``axis_name`` or a channel axis
+      with spatial axes on both sides (a ``ValueError`` names the option).
+      Derivatives are the same rule for both. ``"auto"`` is ``"xla"``
+      everywhere for now: the kernel has not been measured on a GPU yet.
 
   Returns:
     An array of the shape of ``x``, in ``x``'s dtype (float32 for integer or
@@ -107,8 +121,9 @@ def group_norm(
       not positive or not dividing ``C``, ``x`` of rank < 2,
       ``channel_axis`` out of range or the batch axis, ``eps`` negative, NaN
       or infinite, gamma or beta of the wrong size, an unknown key in
-      ``params``, a ``mask`` that does not broadcast to ``x``, or an unknown
-      activation name.
+      ``params``, a ``mask`` that does not broadcast to ``x``, an unknown
+      activation name or ``implementation``, or ``implementation="pallas"``
+      with an option the kernels do not cover.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -151,14 +166,16 @@ def group_norm(
   axis = validation.check_channel_axis(channel_axis, shape)
   n_groups = validation.check_groups(n_groups, group_size, shape, axis)
   eps = validation.check_eps(eps, shape)
-  gamma, beta = validation.split_params(params)
+  gamma, beta = validation.split_params(params, shape)
   gamma = validation.check_affine("gamma", gamma, shape, axis)
   beta = validation.check_affine("beta", beta, shape, axis)
   mask = validation.check_mask(mask, shape)
-  activation = validation.check_activation(activation, maths.ACTIVATIONS)
-  axis_name = validation.check_axis_name(axis_name)
+  activation = validation.check_activation(activation, maths.ACTIVATIONS, shape)
+  axis_name = validation.check_axis_name(axis_name, shape)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     # As the seed's layer casts its input to float32.
     x = x.astype(jnp.float32)
   cfg = maths.Config(n_groups, eps, axis, axis_name, activation)
+  cfg = cfg._replace(implementation=validation.check_implementation(
+      implementation, cfg, shape, mask is not None))
   return derivative.group_norm_core(x, gamma, beta, mask, cfg)

@@ -4,7 +4,8 @@ Everything here takes already-validated arguments (see ``validation.py``):
 ``x`` is a floating array whose axis 0 is the batch and whose channel axis is
 ``cfg.channel_axis`` (positive); ``gamma`` and ``beta`` are ``None`` or arrays
 of shape ``(1, C)`` (per channel) or ``(N, C)`` (per sample and channel);
-``mask`` is ``None`` or a bool array already broadcast to ``x.shape``.
+``mask`` is ``None`` or a bool array of ``x``'s rank whose every axis has
+``x``'s length or 1 (not broadcast: what the backward keeps stays small).
 
 Every computation works on a free reshape of ``x`` to ``(N, S, C)``
 (channels-last), ``(N, C, S)`` (channels-first) or ``(N, A, C, B)`` (channel
@@ -53,13 +54,18 @@ class Config(NamedTuple):
   channel_axis: int  # positive: axis 0 is the batch
   axis_name: Hashable | tuple[Hashable, ...] | None = None
   activation: Callable[[jax.Array], jax.Array] | None = None
+  # "xla" (maths.py, lowered with backends/ hints) or "pallas" (the kernels
+  # of backends/pallas.py); resolved from "auto" by validation.py.
+  implementation: str = "xla"
 
 
 class View(NamedTuple):
-  """How ``x`` is reshaped: the view's shape and where its channels are."""
+  """How ``x`` is reshaped: the view's shape, where its channels are, and
+  which axes of ``x`` each axis of the view merges."""
 
   shape: tuple[int, ...]
   c_pos: int
+  groups: tuple[tuple[int, ...], ...]
 
   @property
   def axes(self) -> tuple[int, ...]:
@@ -85,6 +91,33 @@ class View(NamedTuple):
     s = jnp.sum(t, axis=self.axes)
     return s.reshape(self.shape[0], self.shape[self.c_pos])
 
+  def count_nc(self, mv: jax.Array, dtype) -> jax.Array:
+    """Counted elements per (sample, channel), ``(N, C)``, of a view mask.
+
+    ``mv`` may keep unit axes where the mask broadcasts (see ``view_mask``);
+    each such spatial axis multiplies the count by its length.
+    """
+    s = jnp.sum(mv.astype(dtype), axis=self.axes)
+    s = s * math.prod(self.shape[a] for a in self.axes if mv.shape[a] == 1)
+    s = s.reshape(mv.shape[0], mv.shape[self.c_pos])
+    return jnp.broadcast_to(s, (self.shape[0], self.channels))
+
+  def mask(self, m: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A mask of ``x``'s rank (each axis 1 or ``x``'s) reshaped like the view.
+
+    A view axis stays of size 1 where the mask does not vary along any of
+    the axes it merges, so a ``(N, L, 1)`` mask is never made ``(N, L, C)``.
+    Only axes merged with others that the mask does vary along are
+    broadcast.
+    """
+    full = list(m.shape)
+    for group in self.groups:
+      if any(m.shape[a] != 1 for a in group):
+        for a in group:
+          full[a] = shape[a]
+    m = jnp.broadcast_to(m, full)
+    return m.reshape(tuple(math.prod(full[a] for a in g) for g in self.groups))
+
 
 def view(shape: tuple[int, ...], channel_axis: int) -> View:
   """The reshape of an input of ``shape`` that every computation works on."""
@@ -93,11 +126,13 @@ def view(shape: tuple[int, ...], channel_axis: int) -> View:
   # on every platform, so it is not a per-platform hint).
   a, b = math.prod(shape[1:channel_axis]), math.prod(shape[channel_axis + 1:])
   n, c = shape[0], shape[channel_axis]
+  before = tuple(range(1, channel_axis))
+  after = tuple(range(channel_axis + 1, len(shape)))
   if b == 1:
-    return View((n, a, c), 2)
+    return View((n, a, c), 2, ((0,), before, (channel_axis, *after)))
   if a == 1:
-    return View((n, c, b), 1)
-  return View((n, a, c, b), 2)
+    return View((n, c, b), 1, ((0,), (*before, channel_axis), after))
+  return View((n, a, c, b), 2, ((0,), before, (channel_axis,), after))
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -123,66 +158,130 @@ def masked(mask, t):
   return t if mask is None else jnp.where(mask, t, jnp.zeros((), t.dtype))
 
 
-def moments(h: Hints, v: View, xv: jax.Array, mv: jax.Array | None, cfg: Config):
+def pivot(x: jax.Array, mask: jax.Array | None, cfg: Config) -> jax.Array | None:
+  """With ``eps=0``: one element of each (sample, group), the sums' shift.
+
+  Summing ``x - k`` for an element ``k`` of the group, rather than ``x``,
+  makes a constant group's mean exact (every term is 0), so its variance is
+  exactly 0 and, with ``eps=0``, it normalises to 0 instead of to rounding
+  noise divided by rounding noise. The element is the first of the group's
+  first channel; where the mask leaves it out, 0 (no shift) replaces it, so
+  padding never reaches the statistics. With ``eps > 0`` there is no shift
+  (``None``): ``eps`` bounds ``rstd``, and on XLA:CPU the slice would cost a
+  bfloat16 forward one more read of ``x`` in XLA's cost model.
+
+  Returns:
+    ``(N, G)`` in the compute dtype, or None.
+  """
+  if cfg.eps > 0:
+    return None
+  # Sliced from x itself, not from its view: XLA:CPU's cost model counts a
+  # slice of the reshaped x as a full read of x in every fusion it joins.
+  step = x.shape[cfg.channel_axis] // cfg.n_groups
+  at = [0] * x.ndim
+  at[0], at[cfg.channel_axis] = slice(None), slice(None, None, step)
+  k = x[tuple(at)].astype(compute_dtype(x.dtype))
+  if mask is not None:
+    if mask.shape[cfg.channel_axis] == 1:
+      at[cfg.channel_axis] = slice(None)
+    k = jnp.where(mask[tuple(at)], k, jnp.zeros((), k.dtype))
+  return jnp.broadcast_to(k, (x.shape[0], cfg.n_groups))
+
+
+def moments(h: Hints, v: View, xv: jax.Array, mv: jax.Array | None,
+            k: jax.Array | None, cfg: Config):
   """Per-(sample, group) count, mean and biased variance, each ``(N, G)``.
 
   Args:
     h: the platform's hints.
     v: the view of ``x``.
     xv: ``x`` reshaped to ``v``, in its own dtype.
-    mv: the mask reshaped to ``v`` (True = counted), or None.
+    mv: the mask reshaped by ``v.mask`` (True = counted), or None.
+    k: the ``pivot`` of each (sample, group), or None (no shift).
     cfg: the settings; with ``cfg.axis_name`` the statistics cover every
       shard along that axis.
 
   Returns:
     ``(count, mean, var)`` in the compute dtype. A group with no counted
-    element has count 0, mean 0 and variance 0.
+    element has count 0, mean 0 and variance 0; a constant group has
+    variance exactly 0.
   """
   c, g = v.channels, cfg.n_groups
   cdt = compute_dtype(xv.dtype)
   if mv is None:
     count = jnp.full((v.shape[0], g), v.count * (c // g), cdt)
   else:
-    count = group_sum(v.sum_nc(mv.astype(cdt)), g)
+    count = group_sum(v.count_nc(mv, cdt), g)
   safe = jnp.maximum(count, 1)
-  (x1,) = h.separate(xv)
-  s1 = h.fence(v.sum_nc(masked(mv, x1.astype(cdt))))
-  mean = group_sum(s1, g) / safe
+  if k is None:
+    (x1,) = h.separate(xv)
+    s1 = h.fence(v.sum_nc(masked(mv, x1.astype(cdt))))
+    mean = group_sum(s1, g) / safe
+  else:
+    x1, k_c = h.separate(xv, per_channel(k, c))
+    s1 = h.fence(v.sum_nc(masked(mv, x1.astype(cdt) - v.bc(k_c))))
+    mean = k + group_sum(s1, g) / safe
   # Two passes, not E[x^2] - E[x]^2: the one-pass formula cancels the digits
   # of the variance when |mean| >> std (pytorch#40302: randn * 0.01 + 100).
   x2, mean_c = h.separate(xv, per_channel(mean, c))
   xc = masked(mv, x2.astype(cdt) - v.bc(mean_c))
   m2 = group_sum(h.fence(v.sum_nc(xc * xc)), g)
   if cfg.axis_name is not None:
-    # One small collective; then Chan et al.'s exact pairwise combine.
-    parts = lax.all_gather(jnp.stack([count, mean, m2]), cfg.axis_name)
-    parts = parts.reshape(-1, 3, *count.shape)
-    counts, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]
-    count = jnp.sum(counts, axis=0)
-    safe = jnp.maximum(count, 1)
-    mean = jnp.sum(counts * means, axis=0) / safe
-    dev = means - mean[None]
-    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * dev * dev, axis=0)
-  return count, mean, m2 / safe
+    count, mean, m2 = _combine_shards(count, mean, m2, cfg.axis_name)
+  return count, mean, m2 / jnp.maximum(count, 1)
 
 
-def stats(h: Hints, v: View, xv, mv, cfg: Config):
+def _combine_shards(count, mean, m2, axis_name):
+  """Chan et al.'s exact combine of every shard's ``(count, mean, m2)``."""
+  # One small collective, then the pairwise formula, shifted by the mean of
+  # the shard that counts most: shards with equal means (a constant group
+  # split across devices) then combine to exactly that mean and m2 = 0.
+  parts = lax.all_gather(jnp.stack([count, mean, m2]), axis_name)
+  parts = parts.reshape(-1, 3, *count.shape)
+  counts, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]
+  ref = jnp.take_along_axis(means, jnp.argmax(counts, axis=0)[None], axis=0)[0]
+  count = jnp.sum(counts, axis=0)
+  mean = ref + jnp.sum(counts * (means - ref[None]), axis=0) / jnp.maximum(count, 1)
+  dev = means - mean[None]
+  return count, mean, jnp.sum(m2s, axis=0) + jnp.sum(counts * dev * dev, axis=0)
+
+
+def stats(h: Hints, v: View, xv, mv, k, cfg: Config):
   """``(count, mean, rstd)`` per (sample, group), in the compute dtype."""
-  count, mean, var = moments(h, v, xv, mv, cfg)
-  # var is a mean of squares, never negative; eps goes inside the square
-  # root, as in the paper and the seed. An empty group (everything masked)
-  # gets rstd 0, so its output is beta: finite, and independent of x.
-  rstd = h.rsqrt(var + jnp.asarray(cfg.eps, var.dtype))
-  if mv is not None:
-    rstd = jnp.where(count > 0, rstd, jnp.zeros((), rstd.dtype))
-  return count, mean, rstd
+  count, mean, var = moments(h, v, xv, mv, k, cfg)
+  return count, mean, rstd_of(var, None if mv is None else count, cfg, h.rsqrt)
 
 
-def preactivation(h: Hints, v: View, xv, gamma, beta, mean, rstd, tag=()):
+def rstd_of(var: jax.Array, count: jax.Array | None, cfg: Config, rsqrt=lax.rsqrt):
+  """``1 / sqrt(var + eps)``, and 0 where that is undefined.
+
+  var is a mean of squares, never negative; eps goes inside the square root,
+  as in the paper and the seed. A group whose var + eps is 0 (eps=0 and a
+  constant or single-element group) or, with a mask (``count`` given), that
+  counts nothing gets rstd = rsqrt(inf) = 0: its normalised values are 0, not
+  0 * inf = NaN, and so are the gradients through them (rsqrt's derivative
+  at inf is 0, and where's cotangent to inf is dropped). Decided at trace
+  time: with eps > 0 and no mask no group can be empty or have var + eps = 0,
+  and nothing is added to the program.
+  """
+  var_eps = var + jnp.asarray(cfg.eps, var.dtype)
+  empty = []
+  if cfg.eps == 0:
+    empty.append(var_eps <= 0)
+  if count is not None:
+    empty.append(count <= 0)
+  if empty:
+    var_eps = jnp.where(functools.reduce(jnp.logical_or, empty), jnp.inf, var_eps)
+  return rsqrt(var_eps)
+
+
+def preactivation(h: Hints, v: View, xv, mv, gamma, beta, mean, rstd, tag=()):
   """``(x - mean) * rstd * gamma + beta`` in the compute dtype.
 
-  ``tag``: extra operands for ``h.separate`` that make this pass's handle
-  distinct when another pass starts from the same operands.
+  Masked-out positions get ``beta`` (their centred value is taken as 0), so
+  nothing there, not even NaN, reaches an output or a gradient. ``tag``:
+  extra operands for ``h.separate`` that make this pass's handle distinct
+  when another pass starts from the same operands.
   """
   c = v.channels
   cdt = mean.dtype
@@ -192,7 +291,7 @@ def preactivation(h: Hints, v: View, xv, gamma, beta, mean, rstd, tag=()):
   # (x - mean) * scale + beta keeps the digits that folding everything into
   # x * scale + (beta - mean * scale) would cancel when |mean| is large.
   xq, mean_c, scale, *_ = h.separate(xv, per_channel(mean, c), scale, *tag)
-  z = (xq.astype(cdt) - v.bc(mean_c)) * v.bc(scale)
+  z = masked(mv, xq.astype(cdt) - v.bc(mean_c)) * v.bc(scale)
   if beta is not None:
     z = z + v.bc(beta.astype(cdt))
   return z
@@ -202,11 +301,13 @@ def forward(h: Hints, cfg: Config, x, gamma, beta, mask):
   """``(y, (count, mean, rstd))``: the output in ``x``'s dtype and the stats."""
   v = view(x.shape, cfg.channel_axis)
   xv = x.reshape(v.shape)
-  mv = None if mask is None else mask.reshape(v.shape)
-  count, mean, rstd = stats(h, v, xv, mv, cfg)
-  z = preactivation(h, v, xv, gamma, beta, mean, rstd)
+  mv = None if mask is None else v.mask(mask, x.shape)
+  count, mean, rstd = stats(h, v, xv, mv, pivot(x, mask, cfg), cfg)
+  z = preactivation(h, v, xv, mv, gamma, beta, mean, rstd)
   if cfg.activation is not None:
     z = cfg.activation(z)
+  # Masked-out positions output 0, like the padding they stand for.
+  z = masked(mv, z)
   return z.astype(x.dtype).reshape(x.shape), (count, mean, rstd)
 
 

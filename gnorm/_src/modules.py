@@ -90,7 +90,8 @@ def check_grouping(n_groups: Any, group_size: Any) -> None:
 
 def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,
                   channel_axis: Any, param_dtype: Any, group_size: Any = None,
-                  activation: Any = None, axis_name: Any = None) -> None:
+                  activation: Any = None, axis_name: Any = None,
+                  implementation: Any = "auto") -> None:
   """Validates the arguments shared by the linen and nnx modules."""
   check_grouping(n_groups, group_size)
   validation.check_eps(epsilon)
@@ -109,6 +110,10 @@ def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,
     raise TypeError(f"param_dtype must be a floating dtype, got {dtype}.")
   validation.check_activation(activation, maths.ACTIVATIONS)
   validation.check_axis_name(axis_name)
+  if not isinstance(implementation, str) or implementation not in validation.IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {list(validation.IMPLEMENTATIONS)}, got "
+        f"{implementation!r}.")
 
 
 def _conditioning(name: str, value: Any, shape: tuple[int, ...], axis: int,
@@ -242,9 +247,12 @@ class GroupNorm(nn.Module):
       callable, or ``None`` (default).
     axis_name: a mesh axis name or tuple of names (keyword-only): inside
       ``shard_map`` or ``pmap``, the statistics cover the shards along it.
+    implementation: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
+      (keyword-only); see ``gnorm.group_norm``.
 
   The call takes ``x`` and three optional keyword arguments: ``mask``
-  (positions where it is False are left out of the statistics), and
+  (positions where it is False are padding: left out of the statistics,
+  output 0, no gradient, whatever they hold), and
   ``scale`` and ``shift``, per-sample conditioning as in the AdaGN of
   diffusion UNets (guided-diffusion) or FiLM, of shape ``(N, C)`` (or
   ``(N, 1, 1, C)``, ``(C,)``, a scalar)::
@@ -336,6 +344,7 @@ class GroupNorm(nn.Module):
       default=None, kw_only=True)
   axis_name: Hashable | tuple[Hashable, ...] | None = dataclasses.field(
       default=None, kw_only=True)
+  implementation: str = dataclasses.field(default="auto", kw_only=True)
 
   def __post_init__(self) -> None:
     if naming.is_pattern(self.name):
@@ -343,13 +352,15 @@ class GroupNorm(nn.Module):
     check_options(n_groups=self.n_groups, gamma=self.gamma, beta=self.beta,
                   epsilon=self.epsilon, channel_axis=self.channel_axis,
                   param_dtype=self.param_dtype, group_size=self.group_size,
-                  activation=self.activation, axis_name=self.axis_name)
+                  activation=self.activation, axis_name=self.axis_name,
+                  implementation=self.implementation)
     super().__post_init__()
 
   def _function_kwargs(self) -> dict[str, Any]:
     """The keyword options passed through to ``gnorm.group_norm``."""
     return {"channel_axis": self.channel_axis, "group_size": self.group_size,
-            "activation": self.activation, "axis_name": self.axis_name}
+            "activation": self.activation, "axis_name": self.axis_name,
+            "implementation": self.implementation}
 
   # The one compact method: ``__call__`` and ``create_variables`` both create
   # the parameters here, so they draw the same keys in the same order.
@@ -452,7 +463,8 @@ class GroupNorm(nn.Module):
     Args:
       x: input of rank >= 2, batch first, channels on ``channel_axis``.
       mask: optional boolean array broadcastable to ``x``; positions where it
-        is False are left out of the statistics (see ``gnorm.group_norm``).
+        is False are padding: left out of the statistics, output 0, and given
+        no gradient (see ``gnorm.group_norm``).
       scale: optional AdaGN / FiLM scale, per sample: shape ``(N, C)``, or
         ``(C,)``, a scalar, or anything that broadcasts against ``x`` with
         ``C`` on the channel axis and ``N`` (or 1) on the batch axis, such as

@@ -47,11 +47,14 @@ class GroupNorm(nnx.Module):
       callable, or ``None`` (default).
     axis_name: a mesh axis name or tuple of names: inside ``shard_map`` or
       ``pmap``, the statistics cover the shards along it.
+    implementation: ``"auto"`` (default), ``"xla"`` or ``"pallas"``; see
+      ``gnorm.group_norm``.
     rngs: an ``nnx.Rngs``, needed only when ``gamma`` or ``beta`` is a
       random initializer (its ``params`` stream is used).
 
   The call takes ``x`` and three optional keyword arguments: ``mask``
-  (positions where it is False are left out of the statistics), and
+  (positions where it is False are padding: left out of the statistics,
+  output 0, no gradient, whatever they hold), and
   ``scale`` and ``shift``, per-sample conditioning as in the AdaGN of
   diffusion UNets (guided-diffusion) or FiLM, of shape ``(N, C)`` (or
   ``(N, 1, 1, C)``, ``(C,)``, a scalar)::
@@ -117,6 +120,7 @@ class GroupNorm(nnx.Module):
       group_size: int | None = None,
       activation: str | Callable[[jax.Array], jax.Array] | None = None,
       axis_name: Hashable | tuple[Hashable, ...] | None = None,
+      implementation: str = "auto",
       rngs: nnx.Rngs | None = None,
   ):
     # Plain Python values are static attributes of an nnx module.
@@ -127,10 +131,12 @@ class GroupNorm(nnx.Module):
     self.param_dtype = param_dtype
     self.group_size = group_size
     self.activation = activation
+    self.implementation = implementation
     modules.check_options(n_groups=n_groups, gamma=gamma, beta=beta,
                           epsilon=epsilon, channel_axis=channel_axis,
                           param_dtype=param_dtype, group_size=group_size,
-                          activation=activation, axis_name=axis_name)
+                          activation=activation, axis_name=axis_name,
+                          implementation=implementation)
     # A list of names becomes a tuple: static attributes must be hashable.
     self.axis_name = validation.check_axis_name(axis_name)
     if num_channels is None:
@@ -163,7 +169,8 @@ class GroupNorm(nnx.Module):
   def _function_kwargs(self) -> dict[str, Any]:
     """The keyword options passed through to ``gnorm.group_norm``."""
     return {"channel_axis": self.channel_axis, "group_size": self.group_size,
-            "activation": self.activation, "axis_name": self.axis_name}
+            "activation": self.activation, "axis_name": self.axis_name,
+            "implementation": self.implementation}
 
   def get_output_shape(self, input_shape: Sequence[int | None] | None):
     """Returns the output shape (the input's), as the seed; see ``gnorm.GroupNorm``.
@@ -198,7 +205,8 @@ class GroupNorm(nnx.Module):
       x: input of rank >= 2, batch first, ``num_channels`` on
         ``channel_axis``.
       mask: optional boolean array broadcastable to ``x``; positions where it
-        is False are left out of the statistics.
+        is False are padding: left out of the statistics, output 0, and given
+        no gradient (see ``gnorm.group_norm``).
       scale: optional AdaGN / FiLM scale of shape ``(N, C)`` (or
         ``(N, 1, 1, C)``, ``(C,)``, a scalar); see the class docstring:
         ``y = act((xhat * gamma + beta) * (1 + scale) + shift)``.

@@ -19,6 +19,13 @@ import numpy as np
 PARAM_KEYS = ("gamma", "beta")
 
 
+def _short(value: Any, limit: int = 80) -> str:
+  """``repr(value)``, cut to ``limit`` characters: an error names the value
+  it refuses without printing a whole array."""
+  r = repr(value)
+  return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def check_n_groups(n_groups: Any, shape: tuple[int, ...] | None = None, *,
                    what: str = "n_groups") -> int:
   """Returns a group count (or, with ``what="group_size"``, a group size) as
@@ -114,19 +121,20 @@ def check_groups_divide(n_groups: int, channels: int, shape) -> None:
         f"({channels}); input shape {shape}.")
 
 
-def split_params(params: Any) -> tuple[Any, Any]:
+def split_params(params: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
   """Returns ``(gamma, beta)`` from ``params`` (each may be ``None``)."""
   if params is None:
     return None, None
   if not isinstance(params, Mapping):
     raise TypeError(
         "params must be a mapping such as {'gamma': ..., 'beta': ...} or None, "
-        f"got {type(params).__name__}.")
+        f"got {_short(params)} (type {type(params).__name__}); input shape {shape}.")
   unknown = sorted(str(k) for k in params if k not in PARAM_KEYS)
   if unknown:
     raise ValueError(
         f"params has unknown key(s) {unknown}; the accepted keys are "
-        f"{list(PARAM_KEYS)} (the seed's names), either of which may be absent.")
+        f"{list(PARAM_KEYS)} (the seed's names), either of which may be absent; "
+        f"input shape {shape}.")
   return params.get("gamma"), params.get("beta")
 
 
@@ -148,12 +156,16 @@ def check_affine(name: str, value: Any, shape: tuple[int, ...],
     arr = jnp.asarray(value)
   except TypeError as e:
     raise TypeError(
-        f"{name} must be an array or a number, got {type(value).__name__}: {e}"
-    ) from None
+        f"{name} must be an array or a number, got {_short(value)} (type "
+        f"{type(value).__name__}: {e}); input shape {shape}.") from None
   if jnp.issubdtype(arr.dtype, jnp.complexfloating):
-    raise TypeError(f"{name} must be real; complex dtype {arr.dtype} is not supported.")
+    raise TypeError(
+        f"{name} must be real; got complex dtype {arr.dtype} ({name} shape "
+        f"{arr.shape}, input shape {shape}).")
   if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == jnp.bool_):
-    raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}.")
+    raise TypeError(
+        f"{name} must be numeric, got dtype {arr.dtype} ({name} shape {arr.shape}, "
+        f"input shape {shape}).")
   if not jnp.issubdtype(arr.dtype, jnp.floating):
     arr = arr.astype(jnp.float32)
   n, c = shape[0], shape[channel_axis]
@@ -181,27 +193,33 @@ def check_affine(name: str, value: Any, shape: tuple[int, ...],
 
 
 def check_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
-  """Checks that ``mask`` is boolean and broadcasts to ``shape``."""
+  """Checks that ``mask`` is boolean and broadcasts to ``shape``.
+
+  Returns the mask with leading unit axes added to ``shape``'s rank, but not
+  broadcast: a ``(N, L, 1)`` mask stays that small, and so does what the
+  backward pass keeps of it.
+  """
   if mask is None:
     return None
   try:
     m = jnp.asarray(mask)
   except TypeError as e:
-    raise TypeError(f"mask must be a boolean array, got {type(mask).__name__}: {e}"
-                    ) from None
+    raise TypeError(
+        f"mask must be a boolean array, got {type(mask).__name__} ({e}); "
+        f"input shape {shape}.") from None
   if m.dtype != jnp.bool_:
     raise TypeError(
         f"mask must be a boolean array (True = counted in the statistics), got "
-        f"dtype {m.dtype}; use mask.astype(bool) if that is what you mean.")
+        f"dtype {m.dtype} (mask shape {m.shape}, input shape {shape}); use "
+        "mask.astype(bool) if that is what you mean.")
   try:
-    jnp.broadcast_shapes(m.shape, shape)
     ok = jnp.broadcast_shapes(m.shape, shape) == tuple(shape)
   except ValueError:
     ok = False
   if not ok:
     raise ValueError(
         f"mask of shape {m.shape} does not broadcast to the input shape {shape}.")
-  return jnp.broadcast_to(m, shape)
+  return m.reshape((1,) * (len(shape) - m.ndim) + m.shape)
 
 
 def check_groups(n_groups: Any, group_size: Any, shape: tuple[int, ...],
@@ -224,8 +242,10 @@ def check_groups(n_groups: Any, group_size: Any, shape: tuple[int, ...],
   return n_groups
 
 
-def check_activation(activation: Any, activations: Mapping[str, Any]):
+def check_activation(activation: Any, activations: Mapping[str, Any],
+                     shape: tuple[int, ...] | None = None):
   """Resolves ``activation`` (None, a known name or a callable)."""
+  where = f"; input shape {shape}" if shape is not None else ""
   if activation is None or callable(activation):
     return activation
   if isinstance(activation, str):
@@ -234,14 +254,15 @@ def check_activation(activation: Any, activations: Mapping[str, Any]):
     except KeyError:
       raise ValueError(
           f"unknown activation {activation!r}; use one of "
-          f"{sorted(activations)} or a callable.") from None
+          f"{sorted(activations)} or a callable{where}.") from None
   raise TypeError(
       f"activation must be None, a name such as 'silu', or a callable, got "
-      f"{activation!r} (type {type(activation).__name__}).")
+      f"{_short(activation)} (type {type(activation).__name__}){where}.")
 
 
-def check_axis_name(axis_name: Any):
+def check_axis_name(axis_name: Any, shape: tuple[int, ...] | None = None):
   """``axis_name`` is None, a hashable name, or a tuple of them."""
+  where = f"; input shape {shape}" if shape is not None else ""
   if axis_name is None:
     return None
   if isinstance(axis_name, list):
@@ -251,5 +272,33 @@ def check_axis_name(axis_name: Any):
   except TypeError:
     raise TypeError(
         f"axis_name must be a mesh axis name or a tuple of them, got "
-        f"{axis_name!r}.") from None
+        f"{_short(axis_name)}{where}.") from None
   return axis_name
+
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def check_implementation(implementation: Any, cfg, shape: tuple[int, ...],
+                         has_mask: bool) -> str:
+  """Resolves ``implementation`` to ``"xla"`` or ``"pallas"``.
+
+  ``"auto"`` is ``"xla"`` on every platform until the Pallas kernels have
+  been measured faster somewhere; ``"pallas"`` with an option the kernels do
+  not cover raises, naming the option.
+  """
+  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {list(IMPLEMENTATIONS)}, got "
+        f"{_short(implementation)}; input shape {shape}.")
+  if implementation == "auto":
+    return "xla"
+  if implementation == "pallas":
+    from gnorm._src.backends import pallas  # noqa: PLC0415 - Pallas loads on demand
+
+    why = pallas.unsupported(cfg, shape, has_mask)
+    if why is not None:
+      raise ValueError(
+          f"implementation='pallas' does not support {why}; input shape {shape}. "
+          "Use implementation='auto' or 'xla' (the XLA path covers every option).")
+  return implementation

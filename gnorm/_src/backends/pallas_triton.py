@@ -1,0 +1,228 @@
+"""GroupNorm's two GPU kernels, in Pallas with Triton's lowering.
+
+The input is a free view of ``x``: ``(N, S, C)`` (channels last) or
+``(N, C, S)`` (channels first). Both kernels tile it into blocks of ``bs``
+spatial rows by ``bc`` channels, one program per block, over a grid
+``(N, cdiv(S, bs), cdiv(C, bc))``. That grid does not fall into the trap of
+one program per (sample, group): a 2x64x64x320 tensor gets hundreds of
+programs however few its groups are.
+
+* ``partial_moments``: each program reads its block once and writes, per
+  channel, the mean and the sum of squared deviations of its rows (a
+  two-pass computation on the block, in registers). ``pallas.py`` combines
+  those exactly (Chan et al.) into per-(sample, group) statistics: together
+  an exact two-pass variance that reads ``x`` once.
+* ``normalise``: each program reads its block again and writes
+  ``act((x - mean) * scale + shift)`` with per-(sample, channel) ``mean``,
+  ``scale`` (``rstd * gamma``) and ``shift`` (``beta``).
+
+Tails: blocks hang over the end of ``S`` and ``C`` where those are not
+multiples of the block; loads and stores are masked there (Triton needs
+power-of-two blocks). Everything is computed in ``cdt`` (float32 for half
+precision input). ``interpret=True`` runs the same kernels in Pallas's
+interpreter, on any platform: that is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Elements per block: 8192 keeps a float32 block in registers with 4-8 warps.
+_BLOCK_ELEMENTS = 8192
+# Channels per block when channels are last (contiguous): 128 float32 = 512 B
+# per row, whole memory transactions.
+_MAX_BC_LAST = 128
+# Spatial positions per block when channels are first (S is contiguous).
+_MAX_BS_FIRST = 512
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+class Tiling(NamedTuple):
+  """How a ``(N, S, C)`` or ``(N, C, S)`` view is cut into blocks."""
+
+  n: int
+  s: int
+  c: int
+  bs: int
+  bc: int
+  channels_last: bool
+
+  @property
+  def grid(self) -> tuple[int, int, int]:
+    return (self.n, pl.cdiv(self.s, self.bs), pl.cdiv(self.c, self.bc))
+
+
+def tiling(n: int, s: int, c: int, channels_last: bool) -> Tiling:
+  """Power-of-two blocks of at most ``_BLOCK_ELEMENTS`` elements."""
+  if channels_last:
+    bc = min(_pow2_at_least(c), _MAX_BC_LAST)
+    bs = min(_pow2_at_least(s), max(1, _BLOCK_ELEMENTS // bc))
+  else:
+    bs = min(_pow2_at_least(s), _MAX_BS_FIRST)
+    bc = min(_pow2_at_least(c), max(1, _BLOCK_ELEMENTS // bs))
+  return Tiling(n, s, c, bs, bc, channels_last)
+
+
+def _block(t: Tiling):
+  """This program's ``(rows, channels)``, their validity, and ``x``'s index."""
+  n, k, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = k * t.bs + jnp.arange(t.bs)
+  cols = j * t.bc + jnp.arange(t.bc)
+  row_ok, col_ok = rows < t.s, cols < t.c
+  rs, cs = pl.ds(k * t.bs, t.bs), pl.ds(j * t.bc, t.bc)
+  if t.channels_last:
+    valid = row_ok[:, None] & col_ok[None, :]
+    index = (n, rs, cs)
+  else:
+    valid = col_ok[:, None] & row_ok[None, :]
+    index = (n, cs, rs)
+  return n, k, cs, col_ok, valid, index
+
+
+def _per_channel(t: Tiling, v: jax.Array) -> jax.Array:
+  """A ``(bc,)`` vector broadcast against a block."""
+  return v[None, :] if t.channels_last else v[:, None]
+
+
+def _moments_kernel(x_ref, mean_ref, m2_ref, *, t: Tiling, cdt):
+  n, k, cs, col_ok, valid, index = _block(t)
+  x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
+  axis = 0 if t.channels_last else 1
+  rows = jnp.minimum(t.s - k * t.bs, t.bs).astype(cdt)  # valid rows, >= 1
+  mean = jnp.sum(x, axis=axis) / rows
+  xc = jnp.where(valid, x - _per_channel(t, mean), jnp.zeros((), cdt))
+  m2 = jnp.sum(xc * xc, axis=axis)
+  plgpu.store(mean_ref.at[n, k, cs], mean, mask=col_ok)
+  plgpu.store(m2_ref.at[n, k, cs], m2, mask=col_ok)
+
+
+def _normalise_kernel(x_ref, mean_ref, scale_ref, shift_ref, y_ref, *, t: Tiling, cdt,
+                      activation):
+  n, _, cs, col_ok, valid, index = _block(t)
+  x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
+  mean = plgpu.load(mean_ref.at[n, cs], mask=col_ok, other=0)
+  scale = plgpu.load(scale_ref.at[n, cs], mask=col_ok, other=0)
+  shift = plgpu.load(shift_ref.at[n, cs], mask=col_ok, other=0)
+  z = (x - _per_channel(t, mean)) * _per_channel(t, scale) + _per_channel(t, shift)
+  if activation is not None:
+    z = activation(z)
+  plgpu.store(y_ref.at[index], z.astype(y_ref.dtype), mask=valid)
+
+
+# A (sample, group) of at most this many elements (padded to powers of two)
+# is normalised by one program that holds it in registers: x is read once.
+ONE_PASS_MAX_ELEMENTS = 8192
+
+
+class GroupTiling(NamedTuple):
+  """One program per (sample, group): the whole group as one block."""
+
+  n: int
+  s: int
+  c: int
+  groups: int
+  bs: int  # all spatial positions, padded to a power of two
+  bg: int  # the group's channels, padded to a power of two
+  channels_last: bool
+
+
+def group_tiling(n: int, s: int, c: int, groups: int, channels_last: bool) -> GroupTiling | None:
+  """The one-pass tiling, or None when a group does not fit in one block."""
+  bs, bg = _pow2_at_least(s), _pow2_at_least(c // groups)
+  if bs * bg > ONE_PASS_MAX_ELEMENTS:
+    return None
+  return GroupTiling(n, s, c, groups, bs, bg, channels_last)
+
+
+def _one_pass_kernel(x_ref, gamma_ref, beta_ref, y_ref, mean_ref, rstd_ref, *, t: GroupTiling,
+                     cdt, eps: float, activation):
+  n, g = pl.program_id(0), pl.program_id(1)
+  cg = t.c // t.groups
+  rows, cols = jnp.arange(t.bs), jnp.arange(t.bg)
+  row_ok, col_ok = rows < t.s, cols < cg
+  # int32 starts throughout: with jax_enable_x64 a literal 0 would be int64.
+  rs, cs = pl.ds(jnp.int32(0), t.bs), pl.ds(g * cg, t.bg)
+  if t.channels_last:
+    valid, index = row_ok[:, None] & col_ok[None, :], (n, rs, cs)
+  else:
+    valid, index = col_ok[:, None] & row_ok[None, :], (n, cs, rs)
+  per_channel = (lambda v: v[None, :]) if t.channels_last else (lambda v: v[:, None])
+  x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
+  count = t.s * cg
+  mean = jnp.sum(x) / count
+  xc = jnp.where(valid, x - mean, jnp.zeros((), cdt))
+  var_eps = jnp.sum(xc * xc) / count + eps
+  # As maths.rstd_of: a group with var + eps = 0 (eps=0, constant) gets 0.
+  rstd = jnp.where(var_eps > 0, jax.lax.rsqrt(jnp.where(var_eps > 0, var_eps, 1)), 0)
+  gamma = plgpu.load(gamma_ref.at[n, cs], mask=col_ok, other=0)
+  beta = plgpu.load(beta_ref.at[n, cs], mask=col_ok, other=0)
+  z = xc * per_channel(rstd * gamma) + per_channel(beta)
+  if activation is not None:
+    z = activation(z)
+  plgpu.store(y_ref.at[index], z.astype(y_ref.dtype), mask=valid)
+  mean_ref[n, g] = mean
+  rstd_ref[n, g] = rstd
+
+
+def one_pass(xv: jax.Array, gamma, beta, t: GroupTiling, cdt, eps: float,
+             activation: Callable[[jax.Array], jax.Array] | None, *, interpret: bool):
+  """``(y, mean, rstd)`` with ``x`` read once; ``gamma``/``beta`` are ``(N, C)``."""
+  stat = jax.ShapeDtypeStruct((t.n, t.groups), cdt)
+  warps = 4 if t.bs * t.bg <= 2048 else 8
+  return pl.pallas_call(
+      functools.partial(_one_pass_kernel, t=t, cdt=cdt, eps=eps, activation=activation),
+      out_shape=(jax.ShapeDtypeStruct(xv.shape, xv.dtype), stat, stat),
+      grid=(t.n, t.groups),
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+      interpret=interpret,
+      name="gnorm_one_pass",
+  )(xv, gamma, beta)
+
+
+def _params(t: Tiling):
+  warps = 4 if t.bs * t.bc <= 4096 else 8
+  return plgpu.CompilerParams(num_warps=warps, num_stages=1)
+
+
+def partial_moments(xv: jax.Array, t: Tiling, cdt, *, interpret: bool):
+  """Per ``(sample, row block, channel)``: the block's mean and M2.
+
+  Returns:
+    ``(mean, m2)``, each ``(N, cdiv(S, bs), C)`` in ``cdt``.
+  """
+  k = t.grid[1]
+  out = jax.ShapeDtypeStruct((t.n, k, t.c), cdt)
+  return pl.pallas_call(
+      functools.partial(_moments_kernel, t=t, cdt=cdt),
+      out_shape=(out, out),
+      grid=t.grid,
+      compiler_params=_params(t),
+      interpret=interpret,
+      name="gnorm_partial_moments",
+  )(xv)
+
+
+def normalise(xv: jax.Array, mean_c, scale_c, shift_c, t: Tiling, cdt,
+              activation: Callable[[jax.Array], jax.Array] | None, *, interpret: bool):
+  """``act((x - mean_c) * scale_c + shift_c)`` in ``x``'s dtype and view.
+
+  ``mean_c``, ``scale_c`` and ``shift_c`` are ``(N, C)`` in ``cdt``.
+  """
+  return pl.pallas_call(
+      functools.partial(_normalise_kernel, t=t, cdt=cdt, activation=activation),
+      out_shape=jax.ShapeDtypeStruct(xv.shape, xv.dtype),
+      grid=t.grid,
+      compiler_params=_params(t),
+      interpret=interpret,
+      name="gnorm_normalise",
+  )(xv, mean_c, scale_c, shift_c)
