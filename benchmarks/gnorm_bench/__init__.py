@@ -103,4 +103,6 @@ Modules, in the order a run uses them:
 * ``summary``, ``pallas_targets``: ratios, geometric means, target checks;
 * ``report_md``, ``report_md_fused``, ``report_util``, ``report_png``: the outputs;
 * ``cli``: the flags and the files; ``benchmarks/bench.py`` calls it.
+* ``model``: the ResNet-block stack that ``benchmarks/drop_in.py`` trains with
+  flax's GroupNorm, the linen drop-in and gnorm's fused layer (issue #14).
 """

@@ -1,0 +1,1 @@
+"""The drop-ins of ``gnorm.compat``: one private module per framework."""

@@ -1,0 +1,250 @@
+"""What the flax drop-ins of ``gnorm.compat`` share.
+
+``gnorm.compat.linen.GroupNorm`` and ``gnorm.compat.nnx.GroupNorm`` take
+flax's arguments and create flax's parameters; everything between those
+arguments and ``gnorm.group_norm`` lives here: the checks flax makes (raising
+the same kinds of error), the dtype of the result, and the reshaping that
+turns flax's ``reduction_axes`` into gnorm's batch-first layout.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Hashable
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
+
+from gnorm._src import functional
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(
+      value, (bool, np.bool_))
+
+
+def resolve_groups(num_groups: Any, group_size: Any, channels: int) -> int:
+  """Returns the number of groups for flax's ``num_groups``/``group_size``.
+
+  Raises what flax raises for the same arguments: a ``ValueError`` for
+  neither or both given, a group count that is not a positive int dividing
+  ``channels``, or a group size that does not divide ``channels``; a
+  ``TypeError`` for a group size that is not an int (flax fails later, in a
+  reshape, with a ``TypeError``). A group size of 0 is a ``ValueError``
+  (flax divides by it).
+
+  Args:
+    num_groups: flax's ``num_groups`` (``None`` when ``group_size`` is used).
+    group_size: flax's ``group_size``.
+    channels: the number of channels (features) of the input.
+
+  Returns:
+    The number of groups, a positive int that divides ``channels``.
+
+  Examples:
+    >>> resolve_groups(32, None, 64), resolve_groups(None, 16, 64)
+    (32, 4)
+    >>> resolve_groups(32, 16, 64)
+    Traceback (most recent call last):
+    ...
+    ValueError: give exactly one of num_groups and group_size...
+  """
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(
+        "give exactly one of num_groups and group_size, got "
+        f"num_groups={num_groups!r} and group_size={group_size!r}; to give "
+        "group_size, pass num_groups=None as well (its default is 32).")
+  if group_size is not None:
+    if not _is_int(group_size):
+      raise TypeError(
+          f"group_size must be an int, got {group_size!r} "
+          f"(type {type(group_size).__name__}).")
+    if group_size <= 0 or channels % group_size:
+      raise ValueError(
+          f"group_size ({group_size}) must be a positive int dividing the "
+          f"number of channels ({channels}).")
+    return channels // int(group_size)
+  if not _is_int(num_groups) or num_groups <= 0 or channels % num_groups:
+    raise ValueError(
+        f"num_groups ({num_groups!r}) must be a positive int dividing the "
+        f"number of channels ({channels}).")
+  return int(num_groups)
+
+
+def check_axis_index_groups(axis_index_groups: Any) -> None:
+  """Raises a ``ValueError`` unless ``axis_index_groups`` is None.
+
+  Examples:
+    >>> check_axis_index_groups(None)
+    >>> check_axis_index_groups([[0, 1], [2, 3]])
+    Traceback (most recent call last):
+    ...
+    ValueError: axis_index_groups=[[0, 1], [2, 3]] is not supported...
+  """
+  if axis_index_groups is not None:
+    raise ValueError(
+        f"axis_index_groups={axis_index_groups!r} is not supported: gnorm "
+        "combines statistics over every shard of axis_name. Leave it None, or "
+        "use a mesh axis that spans only the devices to combine.")
+
+
+def reduction_start(ndim: int, reduction_axes: int | Iterable[int] | None) -> int:
+  """The first reduced axis: flax reduces over ``range(start, ndim)``.
+
+  ``reduction_axes=None`` is flax's default, every axis but the first (every
+  axis for input of rank 1). Otherwise the axes (negative ones count from the
+  end) must include the last, feature axis, as flax requires, and, for gnorm,
+  form a contiguous block ending there: the axes before it are batch axes,
+  the axes in it are reduced.
+
+  Args:
+    ndim: the rank of the input.
+    reduction_axes: flax's ``reduction_axes``: None, an int or ints.
+
+  Returns:
+    ``start``, so that the reduced axes are ``range(start, ndim)``.
+
+  Raises:
+    ValueError: an input of rank 0, an axis out of range, axes without the
+      last one, or axes that leave a gap before the last one (such as
+      ``(1, 3)`` on rank 4: flax supports those, gnorm does not).
+
+  Examples:
+    >>> reduction_start(4, None), reduction_start(5, (-3, -2, -1)), reduction_start(3, (0, 1, 2))
+    (1, 2, 0)
+    >>> reduction_start(4, (1, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: reduction_axes (1, 3) ...
+  """
+  if ndim < 1:
+    raise ValueError("the input must have at least one axis, the feature axis; got a scalar.")
+  if reduction_axes is None:
+    return min(1, ndim - 1)
+  given = tuple(reduction_axes) if isinstance(reduction_axes, Iterable) else (reduction_axes,)
+  if not given or not all(_is_int(a) for a in given):
+    raise ValueError(f"reduction_axes must be an int or ints, got {reduction_axes!r}.")
+  if not all(-ndim <= a < ndim for a in given):
+    raise ValueError(
+        f"reduction_axes {reduction_axes!r} are out of range for an input of rank {ndim}.")
+  axes = sorted({int(a) % ndim for a in given})
+  if axes[-1] != ndim - 1:
+    raise ValueError(
+        f"reduction_axes {reduction_axes!r} must include the last axis ({ndim - 1}) of the "
+        f"input of rank {ndim}: flax's feature axis.")
+  start = axes[0]
+  if axes != list(range(start, ndim)):
+    raise ValueError(
+        f"reduction_axes {reduction_axes!r} (axes {tuple(axes)} of an input of rank "
+        f"{ndim}) are not a contiguous block ending at the feature axis: gnorm "
+        "normalises over the last axes, with every axis before them a batch axis. "
+        f"Move the axes to keep to the front first (for example to reduce over "
+        f"{tuple(range(start, ndim))}).")
+  return start
+
+
+def result_dtype(dtype: DTypeLike | None, *arrays: ArrayLike | None) -> np.dtype:
+  """The dtype of flax's result: ``dtype``, or else the promotion of the arrays.
+
+  ``None`` entries are skipped; a promotion that is not inexact (integer
+  input without parameters) becomes at least float32, as in flax.
+
+  Examples:
+    >>> x = jnp.ones((2, 4), jnp.bfloat16)
+    >>> result_dtype(None, x, jnp.ones(4), None), result_dtype(jnp.float16, x)
+    (dtype('float32'), dtype('float16'))
+  """
+  if dtype is None:
+    dtype = jnp.result_type(*(jnp.asarray(a) for a in arrays if a is not None))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.promote_types(dtype, jnp.float32)
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
+  return dtype
+
+
+def _fold_mask(mask: ArrayLike, shape: tuple[int, ...], start: int) -> jax.Array:
+  """The mask for the input of ``shape`` with its axes before ``start`` folded."""
+  m = jnp.asarray(mask, dtype=bool)
+  try:
+    ok = m.ndim <= len(shape) and jnp.broadcast_shapes(m.shape, shape) == shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"mask of shape {m.shape} does not broadcast to the input shape {shape}.")
+  m = m.reshape((1,) * (len(shape) - m.ndim) + m.shape)
+  if start == 1:
+    return m
+  rest = m.shape[start:]
+  if all(d == 1 for d in m.shape[:start]):
+    return m.reshape((1, *rest))
+  return jnp.broadcast_to(m, shape[:start] + rest).reshape((-1, *rest))
+
+
+def normalize(
+    x: ArrayLike,
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
+    *,
+    num_groups: int,
+    epsilon: float,
+    reduction_axes: int | Iterable[int] | None,
+    dtype: DTypeLike | None,
+    mask: ArrayLike | None = None,
+    axis_name: Hashable | None = None,
+) -> jax.Array:
+  """flax's GroupNorm of ``x`` (features last), computed by ``gnorm.group_norm``.
+
+  The axes before the reduced block (see ``reduction_start``) are folded into
+  one batch axis (one of size 1 is added when every axis is reduced), gnorm
+  normalises, and the result gets ``x``'s shape back. The result has flax's
+  dtype (``result_dtype``). ``x`` is first cast to the promotion of its dtype
+  and the result's when that is wider (bfloat16 input, float32 result: the
+  output is gnorm's for float32 input, as flax computes in float32), and the
+  output is rounded to the result's dtype once.
+
+  Args:
+    x: the input, features on the last axis.
+    scale: per-feature scale of shape ``(C,)`` (flax's ``scale``), or None.
+    bias: per-feature offset of shape ``(C,)`` (flax's ``bias``), or None.
+    num_groups: the number of groups (``resolve_groups``).
+    epsilon: added to the variance.
+    reduction_axes: flax's ``reduction_axes``.
+    dtype: flax's ``dtype``: the result's dtype, or None to infer it.
+    mask: True where positions count; broadcastable to ``x``. Padding
+      outputs 0 and gets no gradient (gnorm's semantics).
+    axis_name: a mesh axis name: statistics across its shards.
+
+  Returns:
+    The normalised ``x``, in its shape and flax's dtype.
+
+  Examples:
+    >>> x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+    >>> y = normalize(x, jnp.ones(8), None, num_groups=2, epsilon=1e-6,
+    ...               reduction_axes=(-2, -1), dtype=None)
+    >>> ref = jax.vmap(lambda v: functional.group_norm(None, v, 2, 1e-6))(x)
+    >>> y.shape, y.dtype, bool(jnp.allclose(y, ref, atol=1e-6))
+    ((2, 3, 5, 8), dtype('float32'), True)
+  """
+  x = jnp.asarray(x)
+  out = result_dtype(dtype, x, scale, bias)
+  start = reduction_start(x.ndim, reduction_axes)
+  work = jnp.promote_types(x.dtype, out)
+  if work != x.dtype:
+    x = x.astype(work)
+  shape = tuple(x.shape)
+  folded = shape if start == 1 else (math.prod(shape[:start]), *shape[start:])
+  if mask is not None:
+    mask = _fold_mask(mask, shape, start)
+  params = {k: v for k, v in (("gamma", scale), ("beta", bias)) if v is not None}
+  y = functional.group_norm(
+      params or None, x.reshape(folded), num_groups, epsilon,
+      channel_axis=-1, mask=mask, axis_name=axis_name)
+  return y.reshape(shape).astype(out)
