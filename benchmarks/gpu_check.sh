@@ -47,7 +47,7 @@ else
   export JAX_PLATFORMS=cuda
   # The numerical tests; test_memory.py and the others check CPU-compiled
   # programs, subprocesses on simulated CPU devices, or the API, not the maths.
-  TESTS=(tests/test_group_norm.py tests/test_features.py tests/test_padding.py)
+  TESTS=(tests/test_group_norm.py tests/test_features.py tests/test_padding.py tests/test_pallas.py)
   # The default --only: every implementation, gnorm's Pallas kernels included
   # (timed where JAX's backend is the GPU) beside gnorm's XLA path, flax and torch.
   BENCH=(--cases sd-unet --rounds "${GNORM_GPU_CHECK_ROUNDS:-10}" --sample-ms 10 --compile-reps 1)

@@ -8,7 +8,10 @@ keep working because the rule is ordinary differentiable JAX code. (A
 ``custom_vjp`` would make ``jax.jvp`` and ``jax.jacfwd`` raise.)
 
 Both the forward and the tangent map run through ``backends.per_platform``:
-the maths is written once and lowered with each platform's hints.
+the maths is written once and lowered with each platform's hints. With
+``implementation="pallas"`` the forward's values come from the kernels of
+``backends/pallas.py`` instead; the tangent map (and so the backward pass)
+stays this XLA code.
 """
 
 from __future__ import annotations
