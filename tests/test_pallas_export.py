@@ -67,6 +67,31 @@ def test_forward_lowers_to_two_triton_kernels(dtype, layout, activation):
   assert out.shape == shape and out.dtype == x.dtype
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+@pytest.mark.parametrize("dtype,layout", list(itertools.product(DTYPES, LAYOUTS)))
+def test_training_step_lowers(dtype, layout, activation):
+  # gamma and beta trained by optax through the Pallas forward and XLA's backward.
+  shape, axis = LAYOUTS[layout]
+  x, opt = S(shape, DTYPES[dtype]), optax.sgd(0.1)
+  params = _params(shape[axis])
+  state = jax.eval_shape(opt.init, params)
+
+  def step(params, state, x):
+    def loss(p):
+      y = gnorm.group_norm(p, x, 8, channel_axis=axis, activation=activation,
+                           implementation="pallas")
+      return jnp.mean(y.astype(jnp.float32) ** 2)
+
+    updates, state = opt.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  text = _lower(step, params, state, x)
+  assert text.count(f"@{TRITON}(") == _kernels(shape, axis, 8)
+  new_params, _ = jax.eval_shape(step, params, state, x)
+  assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), new_params) == (
+      jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_training_step_with_a_linen_module_lowers(dtype):
   class Block(nn.Module):
