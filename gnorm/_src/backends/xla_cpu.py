@@ -1,9 +1,11 @@
 """XLA:CPU: scheduling hints that make the maths fast on a CPU.
 
-Each hook below is an ``optimization_barrier``, which copies nothing and
-leaves every value unchanged; what it changes is what XLA:CPU may merge or
-rewrite. They were measured on XLA:CPU (jax 0.10.2, 2-core AMD EPYC) and are
-applied only when a program is lowered for the CPU (``backends/__init__.py``).
+Each hook below is an optimization barrier, which copies nothing and leaves
+every value unchanged; what it changes is what XLA:CPU may merge or rewrite.
+They were measured on XLA:CPU (jax 0.10.2, 2-core AMD EPYC) and take effect
+only when a program is lowered for the CPU: the barrier is a primitive of
+gnorm's (``cpu_barrier_p``) whose lowering is ``stablehlo.optimization_barrier``
+on the CPU and the identity on every other platform.
 
 What they buy, in XLA's own count of the bytes a compiled program moves
 (``cost_analysis``, in units of ``x``'s bytes), with these hints / with the
@@ -24,8 +26,58 @@ they can go.
 from __future__ import annotations
 
 from jax import lax
+from jax import tree_util
+from jax.extend.core import Primitive
+from jax.interpreters import ad
+from jax.interpreters import batching
+from jax.interpreters import mlir
 
 from gnorm._src.backends.hints import Hints
+
+# ``lax.optimization_barrier``, but only in programs lowered for the CPU: on
+# every other platform its lowering is the identity. One traced program thus
+# carries the CPU's hints and the plain maths at once, without tracing the
+# maths once per platform (``lax.platform_dependent`` did, and doubled the
+# time to trace and lower a training step). Its derivative rules are the
+# optimization barrier's own: the tangents and the cotangents pass through
+# the same primitive, so the backward pass gets its barriers on the CPU too.
+# Public JAX APIs only (``jax.extend``, ``jax.interpreters``): they hold from
+# jax 0.10 (CI) to 0.11 (the GPU machine).
+cpu_barrier_p = Primitive("gnorm_cpu_barrier")
+cpu_barrier_p.multiple_results = True
+cpu_barrier_p.def_impl(lambda *args: args)  # eagerly, a barrier has nothing to order
+cpu_barrier_p.def_abstract_eval(lambda *avals: avals)
+
+
+def _barrier(tree):
+  flat, treedef = tree_util.tree_flatten(tree)
+  return tree_util.tree_unflatten(treedef, cpu_barrier_p.bind(*flat))
+
+
+def _identity_lowering(ctx, *args):
+  del ctx
+  return list(args)
+
+
+_cpu_lowering = mlir.lower_fun(lambda *args: lax.optimization_barrier(args),
+                               multiple_results=True)
+
+
+def _jvp(primals, tangents):
+  return _barrier(list(primals)), _barrier([ad.instantiate_zeros(t) for t in tangents])
+
+
+def _transpose(cts, *primals):
+  del primals
+  return _barrier([ad.instantiate_zeros(ct) for ct in cts])
+
+
+mlir.register_lowering(cpu_barrier_p, _identity_lowering)
+mlir.register_lowering(cpu_barrier_p, _cpu_lowering, platform="cpu")
+batching.primitive_batchers[cpu_barrier_p] = (
+    lambda args, dims, **params: (cpu_barrier_p.bind(*args, **params), dims))
+ad.primitive_jvps[cpu_barrier_p] = _jvp
+ad.primitive_transposes[cpu_barrier_p] = _transpose
 
 
 def _separate(*arrays):
@@ -38,7 +90,7 @@ def _separate(*arrays):
   temporary instead. A barrier over a tuple that is distinct for each
   consumer keeps the prologues apart, so every pass re-reads ``x`` itself.
   """
-  return lax.optimization_barrier(arrays)
+  return _barrier(arrays)
 
 
 def _fence(t):
@@ -50,7 +102,7 @@ def _fence(t):
   backward pass (bfloat16 forward+backward temp: 10 MiB, was 20 MiB, for
   2x64x64x320).
   """
-  return lax.optimization_barrier(t)
+  return _barrier(t)
 
 
 def _rsqrt(t):
@@ -63,8 +115,8 @@ def _rsqrt(t):
   it was introduced; 136 ms with ``lax.rsqrt`` against 86 ms with this, median
   of 5, on 2026-11-27.
   """
-  flat = lax.optimization_barrier(t.reshape(-1))
-  return lax.optimization_barrier(lax.rsqrt(flat)).reshape(t.shape)
+  flat = _barrier(t.reshape(-1))
+  return _barrier(lax.rsqrt(flat)).reshape(t.shape)
 
 
 HINTS = Hints(name="xla:cpu", separate=_separate, fence=_fence, rsqrt=_rsqrt)
