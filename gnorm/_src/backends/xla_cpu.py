@@ -41,8 +41,8 @@ from gnorm._src.backends.hints import Hints
 # time to trace and lower a training step). Its derivative rules are the
 # optimization barrier's own: the tangents and the cotangents pass through
 # the same primitive, so the backward pass gets its barriers on the CPU too.
-# Public JAX APIs only (``jax.extend``, ``jax.interpreters``): they hold from
-# jax 0.10 (CI) to 0.11 (the GPU machine).
+# Public JAX APIs only (``jax.extend``, ``jax.interpreters``), which move less
+# between releases than ``jax._src``; checked on jax 0.10.2, not yet on 0.11.
 cpu_barrier_p = Primitive("gnorm_cpu_barrier")
 cpu_barrier_p.multiple_results = True
 cpu_barrier_p.def_impl(lambda *args: args)  # eagerly, a barrier has nothing to order
