@@ -29,8 +29,7 @@ Measured, in one process:
   function, less the parameters and inputs themselves).
 
 Writes ``latest.md`` and ``latest.json`` to ``--out`` (default
-``benchmarks/results/drop_in``). Where ``gnorm.compat.linen`` does not import, the
-``drop_in`` variant is skipped and the reports say so.
+``benchmarks/results/drop_in``).
 """
 
 from __future__ import annotations
@@ -47,10 +46,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from gnorm_bench import machine
-from gnorm_bench.model import DROP_IN_MODULE
 from gnorm_bench.model import VARIANTS
 from gnorm_bench.model import ResnetStack
-from gnorm_bench.model import drop_in_linen
 from gnorm_bench.model import loss_fn
 from gnorm_bench.model import params_for
 from gnorm_bench.model import residuals
@@ -153,12 +150,6 @@ def _ratio(a, b):
 
 
 def run(cfg: dict, progress: bool) -> dict:
-  linen = drop_in_linen()
-  skipped = {} if linen is not None else {"drop_in": f"{DROP_IN_MODULE} does not import"}
-  variants = [v for v in VARIANTS if v not in skipped]
-  for n, why in skipped.items():
-    print(f"skipping {n}: {why}", file=sys.stderr)
-
   shape = (cfg["batch"], cfg["size"], cfg["size"], cfg["width"])
   kx, ky, kp = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, shape, jnp.float32)
@@ -166,7 +157,7 @@ def run(cfg: dict, progress: bool) -> dict:
   flax_model = ResnetStack("flax", cfg["blocks"], _dtype(cfg))
   flax_params = dict(flax_model.init(kp, x)["params"])
 
-  prepared = {v: _prepare(v, cfg, flax_params, x, y) for v in variants}
+  prepared = {v: _prepare(v, cfg, flax_params, x, y) for v in VARIANTS}
   bar = progress_bar(cfg["rounds"], "drop-in model", progress)
   times = time_interleaved(
     {v: p["timed"] for v, p in prepared.items()}, cfg["rounds"], cfg["sample_ms"] / 1e3, bar
@@ -205,7 +196,6 @@ def run(cfg: dict, progress: bool) -> dict:
   return {
     "model": {"shape": list(shape), "parameters": int(n_params), "loss_rtol": rtol, **cfg},
     "variants": out,
-    "skipped": skipped,
   }
 
 
@@ -279,8 +269,6 @@ def to_markdown(results: dict, command: str) -> str:
       f" at the starting weights, max abs diff {r['output_max_abs_diff_vs_flax']:.1e};"
       f" step compile {r['compile_s']:.1f} s"
     )
-  for name, why in results["skipped"].items():
-    lines.append(f"* {name}: **skipped**: {why}")
   return "\n".join(lines) + "\n"
 
 

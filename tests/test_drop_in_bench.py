@@ -4,7 +4,6 @@ quick mode runs end to end in a subprocess and writes sane reports.
 No timing comparisons: the quick model measures nothing useful.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -14,15 +13,6 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "drop_in.py"
-
-
-def _expected_variants():
-  # Where the drop-in's module exists it must run: a drop_in that fails to
-  # import is then a failure, not a skip.
-  names = ["flax", "drop_in", "gnorm_fused"]
-  if importlib.util.find_spec("gnorm.compat.linen") is None:
-    names.remove("drop_in")
-  return names
 
 
 def test_drop_in_quick(tmp_path):
@@ -39,13 +29,8 @@ def test_drop_in_quick(tmp_path):
   results = json.loads((tmp_path / "latest.json").read_text())
   md = (tmp_path / "latest.md").read_text()
 
-  expected = _expected_variants()
   variants = results["variants"]
-  assert sorted(variants) == sorted(expected)
-  if "drop_in" not in expected:
-    assert "gnorm.compat.linen" in results["skipped"]["drop_in"]
-  else:
-    assert results["skipped"] == {}
+  assert sorted(variants) == ["drop_in", "flax", "gnorm_fused"]
 
   steps = results["model"]["check_steps"]
   for name, r in variants.items():

@@ -30,18 +30,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .machine import optional
+from gnorm.compat import linen as drop_in
+
 from .prepared import residual_summary
 
 VARIANTS = ("flax", "drop_in", "gnorm_fused")
 GROUPS = 32
 EPSILON = 1e-6  # flax.linen.GroupNorm's default, given to gnorm's layer too
-DROP_IN_MODULE = "gnorm.compat.linen"
-
-
-def drop_in_linen():
-  """``gnorm.compat.linen``, or None where it does not import (yet)."""
-  return optional(DROP_IN_MODULE)
 
 
 class NormAct(nn.Module):
@@ -55,10 +50,7 @@ class NormAct(nn.Module):
     if self.variant == "flax":
       return nn.silu(nn.GroupNorm(GROUPS, epsilon=EPSILON, dtype=self.dtype, name="norm")(x))
     if self.variant == "drop_in":
-      linen = drop_in_linen()
-      if linen is None:
-        raise ImportError(f"{DROP_IN_MODULE} does not import")
-      return nn.silu(linen.GroupNorm(GROUPS, epsilon=EPSILON, dtype=self.dtype, name="norm")(x))
+      return nn.silu(drop_in.GroupNorm(GROUPS, epsilon=EPSILON, dtype=self.dtype, name="norm")(x))
     if self.variant == "gnorm_fused":
       import gnorm
 

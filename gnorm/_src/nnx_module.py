@@ -15,7 +15,7 @@ from jax.typing import DTypeLike
 
 from gnorm._src import functional
 from gnorm._src import initializers
-from gnorm._src import modules
+from gnorm._src import module_options
 from gnorm._src import validation
 
 
@@ -132,7 +132,7 @@ class GroupNorm(nnx.Module):
     self.group_size = group_size
     self.activation = activation
     self.implementation = implementation
-    modules.check_options(n_groups=n_groups, gamma=gamma, beta=beta,
+    module_options.check_options(n_groups=n_groups, gamma=gamma, beta=beta,
                           epsilon=epsilon, channel_axis=channel_axis,
                           param_dtype=param_dtype, group_size=group_size,
                           activation=activation, axis_name=axis_name,
@@ -180,7 +180,7 @@ class GroupNorm(nnx.Module):
       >>> gnorm.nnx.GroupNorm(4, 16).get_output_shape((None, 28, 28, 16))
       (None, 28, 28, 16)
     """
-    shape = modules.output_shape(input_shape, self.n_groups, self.channel_axis,
+    shape = module_options.output_shape(input_shape, self.n_groups, self.channel_axis,
                                  self._describe(), self.group_size)
     if shape is not None:
       channels = shape[validation.check_channel_axis(self.channel_axis, shape)]
@@ -221,7 +221,7 @@ class GroupNorm(nnx.Module):
       params["gamma"] = self.gamma[...]
     if self.beta is not None:
       params["beta"] = self.beta[...]
-    params = modules.condition(params, shape, axis, scale, shift, self._describe())
+    params = module_options.condition(params, shape, axis, scale, shift, self._describe())
     return functional.group_norm(
         params, x, self.n_groups, self.epsilon, mask=mask,
         **self._function_kwargs())

@@ -279,6 +279,15 @@ def check_axis_name(axis_name: Any, shape: tuple[int, ...] | None = None):
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
+def check_implementation_name(implementation: Any, shape: tuple[int, ...] | None = None) -> None:
+  """``implementation`` is one of ``IMPLEMENTATIONS``."""
+  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+    where = f"; input shape {shape}" if shape is not None else ""
+    raise ValueError(
+        f"implementation must be one of {list(IMPLEMENTATIONS)}, got "
+        f"{_short(implementation)}{where}.")
+
+
 def check_implementation(implementation: Any, cfg, shape: tuple[int, ...],
                          has_mask: bool) -> str:
   """Resolves ``implementation`` to ``"xla"`` or ``"pallas"``.
@@ -287,10 +296,7 @@ def check_implementation(implementation: Any, cfg, shape: tuple[int, ...],
   been measured faster somewhere; ``"pallas"`` with an option the kernels do
   not cover raises, naming the option.
   """
-  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {list(IMPLEMENTATIONS)}, got "
-        f"{_short(implementation)}; input shape {shape}.")
+  check_implementation_name(implementation, shape)
   if implementation == "auto":
     return "xla"
   if implementation == "pallas":
