@@ -60,7 +60,7 @@ def tangent(h: Hints, cfg: Config, x, gamma, beta, mask, count, mean, rstd,
   txv = tx.reshape(v.shape)
   mv = None if mask is None else v.mask(mask, x.shape)
   if count is None:  # no mask, no shards: a compile-time constant
-    count = jnp.full(mean.shape, v.count * (c // g), cdt)
+    count = jnp.full(mean.shape, v.spatial_size * (c // g), cdt)
   safe = jnp.maximum(count, 1)
   # With xhat = xc * rstd:  d mean = mean_g(tx),  d rstd = -rstd^3 mean_g(xc tx),
   # so d xhat = rstd (tx - d mean) - xc rstd^3 mean_g(xc tx), where mean_g

@@ -72,7 +72,7 @@ class View(NamedTuple):
     return tuple(a for a in range(1, len(self.shape)) if a != self.c_pos)
 
   @property
-  def count(self) -> int:
+  def spatial_size(self) -> int:
     """Elements per (sample, channel)."""
     return math.prod(self.shape[a] for a in self.axes)
 
@@ -178,7 +178,7 @@ def pivot(x: jax.Array, mask: jax.Array | None, cfg: Config) -> jax.Array | None
   # Sliced from x itself, not from its view: XLA:CPU's cost model counts a
   # slice of the reshaped x as a full read of x in every fusion it joins.
   step = x.shape[cfg.channel_axis] // cfg.n_groups
-  at = [0] * x.ndim
+  at: list[int | slice] = [0] * x.ndim
   at[0], at[cfg.channel_axis] = slice(None), slice(None, None, step)
   k = x[tuple(at)].astype(compute_dtype(x.dtype))
   if mask is not None:
@@ -209,7 +209,7 @@ def moments(h: Hints, v: View, xv: jax.Array, mv: jax.Array | None,
   c, g = v.channels, cfg.n_groups
   cdt = compute_dtype(xv.dtype)
   if mv is None:
-    count = jnp.full((v.shape[0], g), v.count * (c // g), cdt)
+    count = jnp.full((v.shape[0], g), v.spatial_size * (c // g), cdt)
   else:
     count = group_sum(v.count_nc(mv, cdt), g)
   safe = jnp.maximum(count, 1)

@@ -47,11 +47,13 @@ def output_shape(input_shape: Shape | None, n_groups: int | None,
           f"Cannot divide {channels} input channels into groups of {group_size} "
           f"(group_size must divide the channels); input shape {shape}, layer "
           f"{layer}.")
-  elif channels is not None and channels % n_groups:
-    raise ValueError(
-        f"Cannot divide {channels} input channels into {n_groups} groups "
-        f"(n_groups must divide the channels); input shape {shape}, layer "
-        f"{layer}.")
+  elif channels is not None:
+    assert n_groups is not None  # check_grouping: exactly one of the two is given
+    if channels % n_groups:
+      raise ValueError(
+          f"Cannot divide {channels} input channels into {n_groups} groups "
+          f"(n_groups must divide the channels); input shape {shape}, layer "
+          f"{layer}.")
   return shape
 
 

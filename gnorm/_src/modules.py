@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
+from typing import cast
 
 import flax.linen as nn
 import jax
@@ -44,13 +45,12 @@ def _describe(module: nn.Module) -> str:
   return f"gnorm.GroupNorm({groups}, name={module.name!r})"
 
 
-def _fill_name_pattern(module: nn.Module) -> None:
+def _fill_name_pattern(module: nn.Module, pattern: str) -> None:
   """Replaces a name pattern by its filled name, before Flax registers it.
 
   A plain function, not a method: Flax wraps a module's methods and pushes the
   module on its context stack, which would hide the parent.
   """
-  pattern = module.name
   parent = module.parent
   if parent is _linen_module._unspecified_parent:
     # As Flax does next: the module whose method is running is the parent.
@@ -223,7 +223,7 @@ class GroupNorm(nn.Module):
 
   def __post_init__(self) -> None:
     if naming.is_pattern(self.name):
-      _fill_name_pattern(self)
+      _fill_name_pattern(self, self.name)
     module_options.check_options(n_groups=self.n_groups, gamma=self.gamma, beta=self.beta,
                   epsilon=self.epsilon, channel_axis=self.channel_axis,
                   param_dtype=self.param_dtype, group_size=self.group_size,
@@ -359,7 +359,9 @@ class GroupNorm(nn.Module):
     """
     if not isinstance(x, jax.Array):
       x = jnp.asarray(x)
-    shape = self.get_output_shape(x.shape)
+    # The shape of an array is known, so the checked shape is neither None nor
+    # has a None dimension (get_output_shape's type allows both).
+    shape = cast(tuple[int, ...], self.get_output_shape(x.shape))
     axis = validation.check_channel_axis(self.channel_axis, shape)
     params = self._make_params(shape[axis])
     params = module_options.condition(params, shape, axis, scale, shift, _describe(self))
@@ -402,10 +404,12 @@ def _positional_name_init(cls: type[GroupNorm]) -> None:
     if field_name not in positional:
       params.append(P(field_name, P.KEYWORD_ONLY, default=f.default,
                       annotation=f.type))
-  __init__.__signature__ = inspect.Signature(params, return_annotation=None)
+  # Functions have no declared ``__signature__``; inspect.signature reads it.
+  __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+      params, return_annotation=None)
   __init__.__qualname__ = f"{cls.__qualname__}.__init__"
   __init__.__doc__ = dataclass_init.__doc__
-  cls.__init__ = __init__
+  cls.__init__ = __init__  # type: ignore[method-assign]  # replaces the dataclass __init__
 
 
 _positional_name_init(GroupNorm)

@@ -15,11 +15,12 @@ import itertools
 import string
 import threading
 from typing import Any
+from typing import TypeGuard
 
 _FORMATTER = string.Formatter()
 
 
-def is_pattern(name: Any) -> bool:
+def is_pattern(name: Any) -> TypeGuard[str]:
   """Whether ``name`` is a format pattern with one replacement field.
 
   Raises:
@@ -56,6 +57,7 @@ def is_pattern(name: Any) -> bool:
   if not fields:
     return False
   _, field_name, spec, conversion = fields[0]
+  assert spec is not None  # parse gives a replacement field a str spec ('' if none)
   if field_name not in ("", "0") or conversion is not None or "{" in spec:
     raise ValueError(
         f"name {name!r} has the replacement field "

@@ -147,10 +147,14 @@ class GroupNorm(nnx.Module):
     num_channels = self.num_channels = validation.check_n_groups(
         num_channels, what="num_channels")
     if group_size is None:
+      assert n_groups is not None  # check_options: exactly one of the two is given
       validation.check_groups_divide(n_groups, num_channels, f"(..., {num_channels})")
     elif num_channels % group_size:
       raise ValueError(
           f"group_size ({group_size}) must divide num_channels ({num_channels}).")
+    # Declared for type checkers; set by name below.
+    self.gamma: nnx.Param[jax.Array] | None
+    self.beta: nnx.Param[jax.Array] | None
     for name, value in (("gamma", gamma), ("beta", beta)):
       init = initializers.resolve(name, value)
       if init is None:

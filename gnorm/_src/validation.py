@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,7 +94,7 @@ def check_input(x: jax.Array) -> None:
     raise TypeError(f"x must be numeric, got dtype {dt} (input shape {x.shape}).")
 
 
-def check_channel_axis(channel_axis: Any, shape: tuple[int, ...]) -> int:
+def check_channel_axis(channel_axis: Any, shape: tuple[int | None, ...]) -> int:
   """Returns the channel axis as a positive int, never the batch axis 0."""
   ndim = len(shape)
   if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(
@@ -101,7 +102,7 @@ def check_channel_axis(channel_axis: Any, shape: tuple[int, ...]) -> int:
     raise TypeError(
         f"channel_axis must be an int, got {channel_axis!r} "
         f"(type {type(channel_axis).__name__}); input shape {shape}.")
-  if not -ndim <= channel_axis < ndim:
+  if not -ndim <= int(channel_axis) < ndim:
     raise ValueError(
         f"channel_axis {channel_axis} is out of range for an input of rank "
         f"{ndim} (shape {shape}); it must be in [{-ndim}, {ndim - 1}].")
@@ -242,8 +243,10 @@ def check_groups(n_groups: Any, group_size: Any, shape: tuple[int, ...],
   return n_groups
 
 
-def check_activation(activation: Any, activations: Mapping[str, Any],
-                     shape: tuple[int, ...] | None = None):
+def check_activation(activation: Any,
+                     activations: Mapping[str, Callable[[jax.Array], jax.Array]],
+                     shape: tuple[int, ...] | None = None
+                     ) -> Callable[[jax.Array], jax.Array] | None:
   """Resolves ``activation`` (None, a known name or a callable)."""
   where = f"; input shape {shape}" if shape is not None else ""
   if activation is None or callable(activation):

@@ -81,7 +81,7 @@ def kernel_activation(activation):
 
 def _kernels(cfg: maths.Config, x, gamma, beta, *, interpret: bool):
   v = maths.view(x.shape, cfg.channel_axis)
-  n, c, s = v.shape[0], v.channels, v.count
+  n, c, s = v.shape[0], v.channels, v.spatial_size
   t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2)
   cdt = maths.compute_dtype(x.dtype)
   xv = x.reshape(v.shape)

@@ -196,6 +196,8 @@ class GroupNorm(eqx.Module):
             f"of an input of shape {x.shape} (channels first) into equal groups.")
       params = None
       if self.channelwise_affine:
+        # __init__ creates both arrays exactly when channelwise_affine is set.
+        assert self.weight is not None and self.bias is not None
         params = {
             "gamma": _per_channel(self.weight, channels, "weight", x.shape),
             "beta": _per_channel(self.bias, channels, "bias", x.shape),

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
+from typing import Literal
 from typing import NamedTuple
 
 import haiku as hk
@@ -78,7 +79,8 @@ def _layout(axis: slice | tuple[int, ...], rank: int, channel_index: int, groups
   return _Layout(kept == (0,), (*kept, *summed, ch), len(kept), n_groups, ch)
 
 
-def _as_affine(p: jax.Array | None, shape: tuple[int, ...], layout: _Layout) -> Any:
+def _as_affine(p: jax.Array | None, shape: tuple[int, ...],
+               layout: _Layout) -> jax.Array | Literal[False] | None:
   """``p`` as a gnorm gamma/beta, or ``False`` when gnorm cannot take it.
 
   ``p`` has already been brought to the rank of ``x`` as haiku does. Per
@@ -244,7 +246,7 @@ class GroupNorm(hk.Module):
     self.channel_index = hk.get_channel_index(data_format)
     self.create_scale = create_scale
     self.create_offset = create_offset
-    self.rank = None
+    self.rank: int | None = None
     if create_scale:
       self.scale_init = jnp.ones if scale_init is None else scale_init
     elif scale_init is not None:
@@ -303,7 +305,7 @@ class GroupNorm(hk.Module):
     self.rank = x.ndim
 
     if self.create_scale or self.create_offset:
-      params_shape = (channels,)
+      params_shape: tuple[int, ...] = (channels,)
       if self.channel_index == 1:
         params_shape += (1,) * (x.ndim - 2)
     if self.create_scale:
@@ -321,11 +323,12 @@ class GroupNorm(hk.Module):
     x = x.astype(dtype)
     gamma = _as_affine(scale, x.shape, layout)
     # Offset goes in only if scale did (or there is none): (x̂ * s) + o.
-    beta = _as_affine(offset, x.shape, layout) if gamma is not False else False
+    beta: jax.Array | Literal[False] | None = (
+        _as_affine(offset, x.shape, layout) if gamma is not False else False)
     params = {k: v for k, v in (("gamma", gamma), ("beta", beta))
               if v is not None and v is not False}
     y = self._normalise(x, params or None, layout)
-    if gamma is False:
+    if gamma is False and scale is not None:  # False only for a given scale
       y = y * scale.astype(dtype)
     if beta is False and offset is not None:
       y = y + offset.astype(dtype)
