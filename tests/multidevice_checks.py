@@ -359,7 +359,7 @@ def _mnist_data_parallel_case():
   mesh8 = train.make_mesh()
   assert mesh8.size == 8 and mesh8.axis_names == (train.BATCH_AXIS,), mesh8
   quiet = dict(progress=False, log=lambda s: None)
-  # README: 1, 2 and 8 devices train the same network (8 steps of 32).
+  # docs/multiple_devices.md: 1, 2 and 8 devices train the same network (8 steps of 32).
   for norm, mesh in itertools.product(("group", "batch"), (train.make_mesh(2), mesh8)):
     config = train.Config(epochs=1, batch_size=32, norm=norm)  # 8 steps
     one, h_one = train.train(config, small, **quiet)

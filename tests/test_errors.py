@@ -141,7 +141,7 @@ def test_errors_are_raised_at_trace_time_under_jit():
     (dict(channel_axis=9), "9"),
 ])
 def test_every_error_names_the_value_and_the_input_shape(kwargs, value):
-  # README: "every error names the offending value and the input shape".
+  # docs/function.md: "every error names the offending value and the input shape".
   kwargs = {"params": None, "n_groups": 2, **kwargs}
   with pytest.raises((TypeError, ValueError)) as info:
     gnorm.group_norm(x=X, **kwargs)

@@ -396,7 +396,7 @@ def test_property_matches_reference(case):
   y = np.asarray(_jgn({"gamma": gamma, "beta": beta}, x, n_groups=n_groups,
                       channel_axis=channel_axis), np.float64)
   ref = group_norm_ref(x, n_groups, gamma, beta, 1e-5, channel_axis)
-  # README's bounds, scaled to the data's spread: float32 holds 1e-5 where
+  # docs/accuracy.md's bounds, scaled to the data's spread: float32 holds 1e-5 where
   # max|x| / std is about 4 (N(0, 1)), and 1e-4 at N(100, 3^2), where it is
   # about 37: the group mean's rounding, eps32 * max|x|, times rstd. So the
   # bound is 1e-5 * max(1, max|x| * rstd / 4) per (sample, group).

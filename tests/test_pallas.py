@@ -70,7 +70,7 @@ def test_values_match_reference_and_xla(name, plan):
   y = np.asarray(y, np.float64)
   ref = group_norm_ref_full(np.asarray(x, np.float64), g, p["gamma"], p["beta"],
                             channel_axis=axis, activation=act)
-  # README's bounds: 1e-5 in float32 on N(0, 1) data, one output rounding in
+  # docs/accuracy.md's bounds: 1e-5 in float32 on N(0, 1) data, one output rounding in
   # half precision (2^-8 relative for bfloat16, 2^-11 for float16).
   rel = {np.float32: 0.0, jnp.bfloat16: 2.0**-8, np.float16: 2.0**-10}[dtype]
   assert np.all(np.abs(y - ref) <= 1e-5 + rel * np.abs(ref)), np.max(np.abs(y - ref))

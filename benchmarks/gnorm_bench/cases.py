@@ -64,8 +64,8 @@ SECTIONS = ("main", "fused")
 # every case of its dtype (the quick mode's small bfloat16 case included).
 MEMORY_CASE = Case((2, 64, 64, 320), 32, "bfloat16")
 
-# The accuracy check's bounds. gnorm's output is held to README's bounds
-# ("Accuracy") on this N(0.5, 1) data, whichever implementation computes it
+# The accuracy check's bounds. gnorm's output is held to the documented bounds
+# (docs/accuracy.md) on this N(0.5, 1) data, whichever implementation computes it
 # (XLA's fusions or the Pallas kernels): float32 within 1e-5 absolute of the
 # float64 reference; bfloat16 within one output rounding,
 # |y - ref| <= 2^-8 |ref| + 1e-5 per element. The other implementations
@@ -93,7 +93,7 @@ def describe_bounds() -> str:
   """The bounds, in words, for the reports."""
   tol = ", ".join(f"{k} {v:g}" for k, v in SANITY_TOL.items())
   return (
-    f"gnorm's y (XLA and Pallas): README's, float32 |error| <= {Y_ABS:g}, bfloat16"
+    f"gnorm's y (XLA and Pallas): docs/accuracy.md's, float32 |error| <= {Y_ABS:g}, bfloat16"
     f" <= 2^-8 |ref| + {Y_ABS:g} per element; everyone else's y and all gradients:"
     f" max|error|/max|ref| <= {tol}"
   )

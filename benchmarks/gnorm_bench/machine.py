@@ -19,7 +19,8 @@ from .timing import stats
 # L2 is 50 MiB). On the CPU 64 MiB keeps it to a fraction of a second; there
 # glibc maps every allocation over 32 MiB afresh, and the 4 KiB page faults
 # of each new output, not memory, set the copy's time. On the 2-core AMD EPYC
-# of the README: 3.5-6.3 GB/s (steady within a run, not across runs), against
+# of docs/performance.md's figures: 3.5-6.3 GB/s (steady within a run, not
+# across runs), against
 # 26-29 GB/s for the same jitted copy with glibc told to reuse memory
 # (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) and 22-27 GB/s for NumPy's
 # copyto. The yardstick is meant for GPUs and TPUs.
