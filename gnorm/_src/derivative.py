@@ -1,17 +1,21 @@
 """The derivative of Group Normalization: a lean, forward-mode-safe rule.
 
-``group_norm_core`` is a ``jax.custom_jvp`` whose tangent map is wrapped in
-``jax.checkpoint``: reverse mode (linearise, then transpose) keeps only ``x``
-and the per-(N, G) statistics alive and recomputes ``x - mean`` (and the
-pre-activation) in the backward pass, while forward mode and higher orders
-keep working because the rule is ordinary differentiable JAX code. (A
-``custom_vjp`` would make ``jax.jvp`` and ``jax.jacfwd`` raise.)
+``group_norm_core`` is a ``jax.custom_jvp``. Its rule evaluates the forward
+(each platform's plan: ``backends.forward``) and returns the tangent map
+``tangent`` below, through ``linear.tangent_p``: a primitive whose transpose
+is the backward pass. Reverse mode (linearise, then transpose) therefore keeps
+only ``x``, the affine parameters and the per-(N, G) statistics alive, and
+each platform lowers a backward pass of its own (the CPU: JAX's transpose of
+``tangent`` with the CPU's hints; CUDA and ROCm: the closed form of
+``backends/xla_gpu_vjp.py``). Forward mode and higher orders keep working
+because the primitives' derivatives are those of plain JAX code (a
+``custom_vjp`` would make ``jax.jvp`` and ``jax.jacfwd`` raise).
 
-Both the forward and the tangent map run through ``backends.per_platform``:
-the maths is written once and lowered with each platform's hints. With
-``implementation="pallas"`` the forward's values come from the kernels of
-``backends/pallas.py`` instead; the tangent map (and so the backward pass)
-stays this XLA code.
+With ``axis_name`` (statistics across devices) the sums need collectives,
+which stay in plain JAX: the tangent map is then wrapped in
+``jax.checkpoint`` instead, for the same lean residuals, and transposed by
+JAX on every platform. With ``implementation="pallas"`` the forward's values
+come from the kernels of ``backends/pallas.py``; the derivative is this one.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from gnorm._src import backends
+from gnorm._src import linear
 from gnorm._src.backends import pallas
 from gnorm._src.backends.hints import Hints
 from gnorm._src.maths import Config
-from gnorm._src.maths import forward
 from gnorm._src.maths import group_sum
 from gnorm._src.maths import masked
 from gnorm._src.maths import per_channel
@@ -37,7 +41,7 @@ def _forward(cfg: Config):
   """``forward``'s values by the configured implementation."""
   if cfg.implementation == "pallas":
     return functools.partial(pallas.forward, cfg)
-  return backends.per_platform(forward, cfg)
+  return backends.forward(cfg)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
@@ -118,12 +122,17 @@ def _group_norm_core_jvp(cfg: Config, primals, tangents):
   x, gamma, beta, mask = primals
   tx, tgamma, tbeta, _ = tangents
   y, (count, mean, rstd) = _forward(cfg)(x, gamma, beta, mask)
-  # Checkpointing the tangent map is what keeps reverse mode lean: its
-  # residuals are its inputs (x, the (N, G) statistics and the small affine
-  # parameters), not the full-size float32 intermediates it computes.
+  count = None if mask is None and cfg.axis_name is None else count
+  tgamma = None if gamma is None else tgamma
+  tbeta = None if beta is None else tbeta
+  if cfg.axis_name is None:
+    # A primitive whose transpose is the backward pass of each platform's
+    # plan (``linear.py``); its operands are all reverse mode keeps.
+    return y, linear.tangent(cfg, x, gamma, beta, mask, count, mean, rstd, tx, tgamma, tbeta)
+  # Across devices the sums take collectives, which stay in plain JAX:
+  # checkpointing the tangent map is what keeps reverse mode lean there (its
+  # residuals are its inputs, not the full-size float32 values it computes).
   ty = jax.checkpoint(backends.per_platform(tangent, cfg))(
-      x, gamma, None if cfg.activation is None else beta, mask,
-      None if mask is None and cfg.axis_name is None else count, mean, rstd, tx,
-      None if gamma is None else tgamma,
-      None if beta is None else tbeta)
+      x, gamma, None if cfg.activation is None else beta, mask, count, mean, rstd, tx,
+      tgamma, tbeta)
   return y, ty

@@ -37,13 +37,15 @@ import functools
 import math
 from collections.abc import Callable
 from collections.abc import Hashable
+from typing import TYPE_CHECKING
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gnorm._src.backends.hints import Hints
+if TYPE_CHECKING:  # maths.py needs no backend at run time (backends/ imports it)
+  from gnorm._src.backends.hints import Hints
 
 
 class Config(NamedTuple):
@@ -227,11 +229,11 @@ def moments(h: Hints, v: View, xv: jax.Array, mv: jax.Array | None,
   xc = masked(mv, x2.astype(cdt) - v.bc(mean_c))
   m2 = group_sum(h.fence(v.sum_nc(xc * xc)), g)
   if cfg.axis_name is not None:
-    count, mean, m2 = _combine_shards(count, mean, m2, cfg.axis_name)
+    count, mean, m2 = combine_shards(count, mean, m2, cfg.axis_name)
   return count, mean, m2 / jnp.maximum(count, 1)
 
 
-def _combine_shards(count, mean, m2, axis_name):
+def combine_shards(count, mean, m2, axis_name):
   """Chan et al.'s exact combine of every shard's ``(count, mean, m2)``."""
   # One small collective, then the pairwise formula, shifted by the mean of
   # the shard that counts most: shards with equal means (a constant group
@@ -244,12 +246,6 @@ def _combine_shards(count, mean, m2, axis_name):
   mean = ref + jnp.sum(counts * (means - ref[None]), axis=0) / jnp.maximum(count, 1)
   dev = means - mean[None]
   return count, mean, jnp.sum(m2s, axis=0) + jnp.sum(counts * dev * dev, axis=0)
-
-
-def stats(h: Hints, v: View, xv, mv, k, cfg: Config):
-  """``(count, mean, rstd)`` per (sample, group), in the compute dtype."""
-  count, mean, var = moments(h, v, xv, mv, k, cfg)
-  return count, mean, rstd_of(var, None if mv is None else count, cfg, h.rsqrt)
 
 
 def rstd_of(var: jax.Array, count: jax.Array | None, cfg: Config, rsqrt=lax.rsqrt):
@@ -297,12 +293,24 @@ def preactivation(h: Hints, v: View, xv, mv, gamma, beta, mean, rstd, tag=()):
   return z
 
 
-def forward(h: Hints, cfg: Config, x, gamma, beta, mask):
-  """``(y, (count, mean, rstd))``: the output in ``x``'s dtype and the stats."""
+Moments = Callable[[View, jax.Array, "jax.Array | None", Config], tuple]
+"""A reduction plan's ``moments(v, xv, mv, cfg) -> (count, mean, var)``."""
+
+
+def forward(h: Hints, cfg: Config, x, gamma, beta, mask, plan: Moments | None = None):
+  """``(y, (count, mean, rstd))``: the output in ``x``'s dtype and the stats.
+
+  ``plan``: how the statistics are reduced (see ``backends/``); by default
+  ``moments`` above, with ``h``'s hints.
+  """
   v = view(x.shape, cfg.channel_axis)
   xv = x.reshape(v.shape)
   mv = None if mask is None else v.mask(mask, x.shape)
-  count, mean, rstd = stats(h, v, xv, mv, pivot(x, mask, cfg), cfg)
+  if plan is None:
+    count, mean, var = moments(h, v, xv, mv, pivot(x, mask, cfg), cfg)
+  else:
+    count, mean, var = plan(v, xv, mv, cfg)
+  rstd = rstd_of(var, None if mv is None else count, cfg, h.rsqrt)
   z = preactivation(h, v, xv, mv, gamma, beta, mean, rstd)
   if cfg.activation is not None:
     z = cfg.activation(z)

@@ -1,33 +1,55 @@
-"""Which platform gets which lowering choices: the table, and the switch.
+"""Which platform gets which lowering choices: the tables, and the switch.
 
-``PER_PLATFORM`` maps a JAX platform name to the ``Hints`` whose effect is
-lowered for that platform only; platforms not listed get ``DEFAULT``, the
-plain maths. The choice is made when a program is lowered, never from
-``jax.default_backend()`` (that would put the CPU's hints into a program
-lowered for a GPU from a CPU host): the CPU's hooks are built on a primitive
-whose lowering is an optimization barrier on the CPU and the identity
-everywhere else (``xla_cpu.cpu_barrier_p``). One jitted function therefore
-serves every backend, a module exported for several platforms keeps each its
-own choices, and the maths is traced once.
+Two kinds of choices, both made when a program is lowered, never from
+``jax.default_backend()`` (that would put one platform's choices into a
+program lowered for another from a host of the first kind):
 
-An entry for another platform must be built the same way (its hooks lowered
-as the identity elsewhere), and ``_hints`` must then chain the entries.
+* ``PER_PLATFORM`` maps a platform to the ``Hints`` whose effect is lowered
+  for that platform only; platforms not listed get ``DEFAULT``, the plain
+  maths. The CPU's hooks are built on a primitive whose lowering is an
+  optimization barrier on the CPU and the identity everywhere else
+  (``barrier.py``), so one traced program serves every backend and the maths
+  is traced once.
+* ``PLAN_PER_PLATFORM`` maps a platform to a reduction plan other than
+  ``"xla"`` (``maths.py``'s, steered by the hints above): CUDA and ROCm GPUs
+  get ``"xla:gpu"`` (``xla_gpu.py`` for the statistics, ``xla_gpu_vjp.py``
+  for the backward pass). The forward picks its plan with
+  ``lax.platform_dependent``, which traces each plan once; the backward is a
+  primitive (``linear.cotangent_p``) lowered per platform, which traces only
+  the plan of the platform being lowered.
+
+``forced_plan`` (private: tests and benchmarks) makes every platform use one
+plan, so that the GPU's plan is tested on the CPU and the previous GPU program
+can be timed beside the new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
 
+from jax import lax
+
+from gnorm._src import maths
 from gnorm._src.backends import xla_cpu
 from gnorm._src.backends import xla_default
+from gnorm._src.backends import xla_gpu
 from gnorm._src.backends.hints import Hints
 
 PER_PLATFORM: Mapping[str, Hints] = {
     "cpu": xla_cpu.HINTS,
 }
 DEFAULT: Hints = xla_default.HINTS
+
+PLANS = ("xla", "xla:gpu")
+PLAN_PER_PLATFORM: Mapping[str, str] = {
+    "cuda": "xla:gpu",
+    "rocm": "xla:gpu",
+}
+_forced: list[str] = []
 
 
 def _hints() -> Hints:
@@ -50,3 +72,37 @@ def per_platform(fn: Callable[..., object], *static) -> Callable[..., object]:
     hints of whichever platform it is lowered for.
   """
   return functools.partial(fn, _hints(), *static)
+
+
+@contextlib.contextmanager
+def forced_plan(name: str) -> Iterator[None]:
+  """While tracing inside it, every platform uses reduction plan ``name``.
+
+  Private, for tests and benchmarks: ``"xla:gpu"`` runs the GPU's plan on the
+  CPU; ``"xla"`` gives a GPU the program it had before it got a plan of its
+  own. A program traced inside keeps the plan after the block ends.
+  """
+  if name not in PLANS:
+    raise ValueError(f"plan must be one of {PLANS}, got {name!r}")
+  _forced.append(name)
+  try:
+    yield
+  finally:
+    _forced.pop()
+
+
+def plan() -> str:
+  """The forced plan, or ``"auto"`` (each platform its own)."""
+  return _forced[-1] if _forced else "auto"
+
+
+def forward(cfg: maths.Config) -> Callable:
+  """``(x, gamma, beta, mask) -> (y, (count, mean, rstd))`` by each platform's plan."""
+  plans = {
+      "xla": functools.partial(maths.forward, _hints(), cfg),
+      "xla:gpu": functools.partial(xla_gpu.forward, cfg),
+  }
+  if plan() != "auto":
+    return plans[plan()]
+  per = {platform: plans[name] for platform, name in PLAN_PER_PLATFORM.items()}
+  return lambda *args: lax.platform_dependent(*args, **per, default=plans["xla"])

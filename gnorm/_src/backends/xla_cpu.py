@@ -26,58 +26,14 @@ they can go.
 from __future__ import annotations
 
 from jax import lax
-from jax import tree_util
-from jax.extend.core import Primitive
-from jax.interpreters import ad
-from jax.interpreters import batching
-from jax.interpreters import mlir
 
+from gnorm._src.backends.barrier import platform_barrier
 from gnorm._src.backends.hints import Hints
 
-# ``lax.optimization_barrier``, but only in programs lowered for the CPU: on
-# every other platform its lowering is the identity. One traced program thus
-# carries the CPU's hints and the plain maths at once, without tracing the
-# maths once per platform (``lax.platform_dependent`` did, and doubled the
-# time to trace and lower a training step). Its derivative rules are the
-# optimization barrier's own: the tangents and the cotangents pass through
-# the same primitive, so the backward pass gets its barriers on the CPU too.
-# Public JAX APIs only (``jax.extend``, ``jax.interpreters``), which move less
-# between releases than ``jax._src``; checked on jax 0.10.2, not yet on 0.11.
-cpu_barrier_p = Primitive("gnorm_cpu_barrier")
-cpu_barrier_p.multiple_results = True
-cpu_barrier_p.def_impl(lambda *args: args)  # eagerly, a barrier has nothing to order
-cpu_barrier_p.def_abstract_eval(lambda *avals: avals)
-
-
-def _barrier(tree):
-  flat, treedef = tree_util.tree_flatten(tree)
-  return tree_util.tree_unflatten(treedef, cpu_barrier_p.bind(*flat))
-
-
-def _identity_lowering(ctx, *args):
-  del ctx
-  return list(args)
-
-
-_cpu_lowering = mlir.lower_fun(lambda *args: lax.optimization_barrier(args),
-                               multiple_results=True)
-
-
-def _jvp(primals, tangents):
-  return _barrier(list(primals)), _barrier([ad.instantiate_zeros(t) for t in tangents])
-
-
-def _transpose(cts, *primals):
-  del primals
-  return _barrier([ad.instantiate_zeros(ct) for ct in cts])
-
-
-mlir.register_lowering(cpu_barrier_p, _identity_lowering)
-mlir.register_lowering(cpu_barrier_p, _cpu_lowering, platform="cpu")
-batching.primitive_batchers[cpu_barrier_p] = (
-    lambda args, dims, **params: (cpu_barrier_p.bind(*args, **params), dims))
-ad.primitive_jvps[cpu_barrier_p] = _jvp
-ad.primitive_transposes[cpu_barrier_p] = _transpose
+# ``lax.optimization_barrier``, but only in programs lowered for the CPU (see
+# ``barrier.py``): one traced program carries the CPU's hints and, for every
+# other platform, the plain maths.
+cpu_barrier_p, _barrier = platform_barrier("gnorm_cpu_barrier", ("cpu",))
 
 
 def _separate(*arrays):

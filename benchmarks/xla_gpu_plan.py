@@ -1,0 +1,196 @@
+"""Kernels and modelled memory traffic of XLA's compiled GroupNorm programs (issue 19).
+
+Usage::
+
+  python benchmarks/xla_gpu_plan.py [--out DIR] [--deviceless h200] [--quick]
+
+For every case of the GPU case set (``gnorm_bench.cases.GPU_SHAPES`` in float32
+and bfloat16), compiles the forward and the forward+backward (``jax.vjp``: y,
+dx, dgamma, dbeta) of: gnorm's default path, ``gnorm_prev`` (gnorm's previous
+GPU program: ``maths.py``'s plan, forced), ``flax.linen.GroupNorm``, and the
+same with SiLU (gnorm's fused ``activation="silu"``, flax followed by
+``jax.nn.silu``). Reads off each optimized program the kernels it launches
+and the bytes they move (``gnorm_bench/hlo_structure.py``), in units of x's
+bytes, and the arrays of x's size or more it writes besides its outputs.
+
+Where it compiles:
+
+* by default, for JAX's default backend: on a GPU, XLA:GPU for that GPU;
+  elsewhere (CI's dry run) XLA:CPU, which only proves the plumbing;
+* ``--deviceless h200``: XLA:GPU for an H200 without one, on a machine with a
+  CUDA build of jaxlib but no GPU (``pip install "jax[cuda12]"`` in a separate
+  venv; run with ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``).
+  This is how the plan of ``backends/xla_gpu.py`` was designed.
+
+Writes ``xla_gpu_plan.md`` and ``xla_gpu_plan.json`` to ``--out`` (default
+``benchmarks/results``). A model, not a timing: the device-time benchmark
+(``gpu_bench.py``) says what the kernels cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+from gnorm_bench import hlo_structure
+from gnorm_bench.cases import Case
+from gnorm_bench.impls_jax import fn_flax
+from gnorm_bench.impls_jax import fn_flax_silu
+from gnorm_bench.impls_jax import fn_gnorm
+from gnorm_bench.impls_jax import fn_gnorm_fused
+
+import gnorm
+from gnorm._src import backends
+
+_OUT = pathlib.Path(__file__).resolve().parent / "results"
+GPU_SHAPES = ((2, 64, 64, 320), (2, 32, 32, 640), (2, 16, 16, 1280), (8, 56, 56, 256),
+              (16, 64, 64, 320), (32, 32, 32, 640), (1, 512, 512, 128))
+QUICK_SHAPES = ((2, 8, 8, 64),)
+
+# An H200 as XLA's GPU compiler sees it (xla/stream_executor/device_description.proto).
+H200 = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 4800000000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 150000000000
+  shared_memory_per_block_optin: 232448 cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 9 }
+device_description_str: "NVIDIA H200"
+"""
+DEVICELESS = {"h200": H200}
+
+
+def _previous(make):
+  """gnorm's previous GPU program: maths.py's plan, forced at trace time."""
+
+  def fn(case):
+    f = make(case)
+
+    def prev(*args):
+      with backends.forced_plan("xla"):
+        return f(*args)
+
+    return prev
+
+  return fn
+
+
+IMPLS = {
+    "gnorm": fn_gnorm,
+    "gnorm_prev": _previous(fn_gnorm),
+    "flax": fn_flax,
+    "gnorm_silu": fn_gnorm_fused,
+    "flax_silu": fn_flax_silu,
+}
+
+
+def _fwdbwd(f):
+  def fb(x, g, b, ct):
+    y, vjp = jax.vjp(f, x, g, b)
+    return (y, *vjp(ct.astype(y.dtype)))
+
+  return fb
+
+
+def _compiler(deviceless: str | None):
+  """``compile(fn, *ShapeDtypeStructs) -> Compiled`` and the target's name."""
+  if deviceless is None:
+    device = jax.devices()[0]
+    return (lambda f, *args: jax.jit(f).lower(*args).compile()), (
+        f"{jax.default_backend()}: {device.device_kind}")
+  from jax.experimental import topologies  # noqa: PLC0415 - only for this mode
+
+  topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
+                                          target_config=DEVICELESS[deviceless])
+  mesh = topologies.make_mesh(topology, (1,), ("d",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def compile_(f, *args):
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).compile()
+
+  return compile_, f"cuda (deviceless, {deviceless})"
+
+
+def run(shapes, deviceless: str | None) -> dict:
+  compile_, target = _compiler(deviceless)
+  rows = []
+  for dtype in ("bfloat16", "float32"):
+    for shape in shapes:
+      case = Case(shape, 32, dtype)
+      x = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+      p = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
+      x_bytes = math.prod(shape) * x.dtype.itemsize
+      for name, make in IMPLS.items():
+        f = make(case)
+        for direction, fn, args in (("fwd", f, (x, p, p)), ("fwdbwd", _fwdbwd(f), (x, p, p, x))):
+          s = hlo_structure.summary(compile_(fn, *args), x_bytes)
+          rows.append({"case": case.label, "impl": name, "direction": direction, **s})
+          print(f"{case.label:28s} {name:11s} {direction:7s} {s['kernels']:3d} kernels "
+                f"{s['traffic_x']:6.2f} x-sizes", file=sys.stderr, flush=True)
+  return {"target": target, "jax": jax.__version__, "gnorm": gnorm.__version__,
+          "date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def to_markdown(results: dict) -> str:
+  lines = [
+      "# XLA's compiled GroupNorm programs: kernels and modelled traffic",
+      "",
+      f"Compiled for {results['target']}, jax {results['jax']}, gnorm {results['gnorm']}, "
+      f"{results['date']} (`python benchmarks/xla_gpu_plan.py`). Each cell: kernels / bytes "
+      "moved in x-sizes (read + written, from the optimized HLO's shapes; "
+      "`gnorm_bench/hlo_structure.py`). A model of memory traffic, not a timing.",
+      "",
+  ]
+  impls = list(IMPLS)
+  for direction, title in (("fwd", "Forward"), ("fwdbwd", "Forward+backward")):
+    lines += [f"## {title}", "", "| case | " + " | ".join(impls) + " |",
+              "|---" * (len(impls) + 1) + "|"]
+    cases = dict.fromkeys(r["case"] for r in results["rows"])
+    for case in cases:
+      cell = {r["impl"]: r for r in results["rows"]
+              if r["case"] == case and r["direction"] == direction}
+      lines.append(f"| {case} | " + " | ".join(
+          f"{cell[i]['kernels']} / {cell[i]['traffic_x']:.1f}" for i in impls) + " |")
+    lines.append("")
+  writes = [(r["case"], r["impl"], r["direction"], len(r["full_size_writes"]))
+            for r in results["rows"] if r["impl"] in ("gnorm", "gnorm_silu")]
+  extra = [w for w in writes if w[3] > (1 if w[2] == "fwd" else 2)]
+  lines += ["## Full-size arrays gnorm writes besides its outputs", "",
+            "None." if not extra else "\n".join(f"- {c} {i} {d}: {n}" for c, i, d, n in extra), ""]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+  p.add_argument("--out", default=str(_OUT), help="output directory (default: %(default)s)")
+  p.add_argument("--deviceless", choices=sorted(DEVICELESS), default=None,
+                 help="compile for this GPU without one (needs a CUDA build of jaxlib)")
+  p.add_argument("--quick", action="store_true", help="one tiny shape: a smoke test")
+  args = p.parse_args(argv)
+  results = run(QUICK_SHAPES if args.quick else GPU_SHAPES, args.deviceless)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "xla_gpu_plan.json").write_text(json.dumps(results, indent=1))
+  md = to_markdown(results)
+  (out / "xla_gpu_plan.md").write_text(md)
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("PYTHONUNBUFFERED", "1")
+  sys.exit(main())

@@ -1,0 +1,253 @@
+"""The derivative's two linear maps as primitives, each lowered per platform.
+
+``tangent_p`` is the tangent map of ``group_norm_core`` (forward mode: it is
+``derivative.tangent``); ``cotangent_p`` is its transpose (reverse mode: the
+backward pass). Making them primitives is what lets each platform have a
+backward pass of its own while ``jvp``, ``jacfwd``, ``hessian`` and
+``check_grads`` keep working:
+
+* ``tangent_p`` is linear in its tangent operands, and its transpose rule is
+  ``cotangent_p``: reverse mode (linearise, then transpose) runs the
+  cotangent map, and keeps only the primitive's non-linear operands (``x``,
+  the affine parameters, the mask and the per-(sample, group) statistics);
+* ``cotangent_p`` is lowered when the program is lowered, by platform: on
+  CUDA and ROCm the closed form of ``backends/xla_gpu_vjp.py``, elsewhere
+  JAX's transpose of the tangent map with the platform's hints (which on the
+  CPU is the program gnorm has always compiled there). A platform that never
+  lowers a plan traces none of it;
+* their derivatives (higher orders) are those of plain JAX versions of the
+  same maps, so anything JAX can differentiate twice works;
+* under ``vmap`` the batch folds into the sample axis, so a batched call is
+  one call of the same primitive; when only a tangent or cotangent is
+  batched (``jacfwd``, ``jacrev``), the plain maps are vmapped instead.
+
+The ``plan`` parameter is ``backends.plan()`` at trace time: ``"auto"`` picks
+per platform as above; tests force ``"xla"`` or ``"xla:gpu"`` on any platform.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import core
+from jax.extend.core import Primitive
+from jax.interpreters import ad
+from jax.interpreters import batching
+from jax.interpreters import mlir
+
+from gnorm._src import backends
+from gnorm._src import maths
+from gnorm._src.backends import xla_gpu_vjp
+
+
+class Spec(NamedTuple):
+  """The primitives' static parameters: which optional operands are present."""
+
+  cfg: maths.Config
+  has_gamma: bool
+  has_beta: bool
+  has_mask: bool
+  has_count: bool
+  plan: str  # "auto", "xla" or "xla:gpu"
+
+  def residuals(self, ops):
+    """``(x, gamma, beta, mask, count, mean, rstd)`` (``None`` where absent)
+    and the remaining operands."""
+    it = iter(ops)
+    x = next(it)
+    got = [next(it) if present else None
+           for present in (self.has_gamma, self.has_beta, self.has_mask, self.has_count)]
+    return (x, *got, next(it), next(it)), list(it)
+
+
+def _pack(spec: Spec, x, gamma, beta, mask, count, mean, rstd) -> list:
+  present = (True, spec.has_gamma, spec.has_beta, spec.has_mask, spec.has_count, True, True)
+  return [a for a, p in zip((x, gamma, beta, mask, count, mean, rstd), present, strict=True) if p]
+
+
+def _tangent_plain(spec: Spec, *ops):
+  res, (tx, *rest) = spec.residuals(ops)
+  it = iter(rest)
+  tgamma = next(it) if spec.has_gamma else None
+  tbeta = next(it) if spec.has_beta else None
+  return backends.per_platform(_tangent_fn(), spec.cfg)(*res, tx, tgamma, tbeta)
+
+
+def _tangent_fn():
+  from gnorm._src import derivative  # noqa: PLC0415 - derivative imports this module
+
+  return derivative.tangent
+
+
+def _transposed_tangent(spec: Spec, *ops):
+  """The cotangent map as JAX's transpose of the tangent map."""
+  res, (ct,) = spec.residuals(ops)
+  x, gamma, beta = res[0], res[1], res[2]
+  avals = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+  avals += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in (gamma, beta) if p is not None]
+  tangent = functools.partial(_tangent_plain, spec, *_pack(spec, *res))
+  return jax.linear_transpose(jax.checkpoint(tangent), *avals)(ct)
+
+
+def _closed_form(spec: Spec, *ops):
+  """The cotangent map in closed form (``xla_gpu_vjp.py``)."""
+  (x, gamma, beta, mask, count, mean, rstd), (ct,) = spec.residuals(ops)
+  dx, dgamma, dbeta = xla_gpu_vjp.cotangent(spec.cfg, x, gamma, beta, mask, count, mean, rstd, ct)
+  return (dx, *[d for d in (dgamma, dbeta) if d is not None])
+
+
+_COTANGENT = {"xla": _transposed_tangent, "xla:gpu": _closed_form}
+
+
+def _cotangent_plain(spec: Spec, *ops, platform_plan: str = "xla"):
+  plan = platform_plan if spec.plan == "auto" else spec.plan
+  return tuple(_COTANGENT[plan](spec, *ops))
+
+
+tangent_p = Primitive("gnorm_tangent")
+cotangent_p = Primitive("gnorm_cotangent")
+cotangent_p.multiple_results = True
+
+
+def _eager(p):
+  """Outside ``jit``, a primitive runs as a jitted call of itself (so that it
+  is lowered, for the platform it runs on, like everywhere else)."""
+
+  @functools.partial(jax.jit, static_argnames="spec")
+  def run(*ops, spec):
+    return p.bind(*ops, spec=spec)
+
+  return run
+
+
+tangent_p.def_impl(_eager(tangent_p))
+cotangent_p.def_impl(_eager(cotangent_p))
+
+
+@tangent_p.def_abstract_eval
+def _tangent_abstract(*avals, spec):
+  del spec
+  return core.ShapedArray(avals[0].shape, avals[0].dtype)
+
+
+@cotangent_p.def_abstract_eval
+def _cotangent_abstract(*avals, spec):
+  res, _ = spec.residuals(avals)
+  return [core.ShapedArray(a.shape, a.dtype) for a in res[:3] if a is not None]
+
+
+mlir.register_lowering(tangent_p, mlir.lower_fun(
+    lambda *ops, spec: _tangent_plain(spec, *ops), multiple_results=False))
+mlir.register_lowering(cotangent_p, mlir.lower_fun(
+    lambda *ops, spec: _cotangent_plain(spec, *ops), multiple_results=True))
+for _platform, _plan in backends.PLAN_PER_PLATFORM.items():
+  mlir.register_lowering(cotangent_p, mlir.lower_fun(
+      functools.partial(lambda *ops, spec, plan: _cotangent_plain(spec, *ops, platform_plan=plan),
+                        plan=_plan), multiple_results=True), platform=_platform)
+
+
+def _tangent_transpose(ct, *ops, spec):
+  res, lin = spec.residuals(ops)
+  if any(ad.is_undefined_primal(a) for a in res if a is not None):
+    raise NotImplementedError("group_norm's tangent map is linear in its tangents only")
+  if type(ct) is ad.Zero:
+    cts = [None] * len(lin)
+  else:
+    cts = cotangent_p.bind(*_pack(spec, *res), ct, spec=spec)
+  return [None] * (len(ops) - len(lin)) + [c if ad.is_undefined_primal(t) else None
+                                           for c, t in zip(cts, lin, strict=True)]
+
+
+def _cotangent_transpose(cts, *ops, spec):
+  res, (ct,) = spec.residuals(ops)
+  if not ad.is_undefined_primal(ct) or any(
+      ad.is_undefined_primal(a) for a in res if a is not None):
+    raise NotImplementedError("group_norm's cotangent map is linear in its cotangent only")
+  cts = [ad.instantiate_zeros(c) for c in cts]
+  return [None] * (len(ops) - 1) + [tangent_p.bind(*_pack(spec, *res), *cts, spec=spec)]
+
+
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+ad.primitive_transposes[cotangent_p] = _cotangent_transpose
+
+
+def _jvp_rule(plain, primals, tangents, *, spec):
+  """Higher orders: the plain map's own derivative. The mask (boolean) is
+  closed over rather than differentiated."""
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  m = 1 + spec.has_gamma + spec.has_beta  # the mask's index, when present
+  if spec.has_mask:
+    mask = primals[m]
+    primals, tangents = primals[:m] + primals[m + 1:], tangents[:m] + tangents[m + 1:]
+
+    def fn(*ops):
+      return plain(spec, *ops[:m], mask, *ops[m:])
+  else:
+    fn = functools.partial(plain, spec)
+  return jax.jvp(fn, tuple(primals), tuple(tangents))
+
+
+ad.primitive_jvps[tangent_p] = functools.partial(_jvp_rule, _tangent_plain)
+ad.primitive_jvps[cotangent_p] = functools.partial(_jvp_rule, _cotangent_plain)
+
+
+def _fold(a, d, size: int, n: int, share: bool):
+  """Moves batch axis ``d`` (None: unbatched) to the front and merges it into
+  the sample axis: ``(B * N, ...)``. With ``share``, an unbatched operand
+  whose sample axis is 1 (a mask or parameter common to all samples) stays
+  as it is."""
+  if d is None:
+    if share and a.shape[0] == 1:
+      return a
+    a = a[None]
+  else:
+    a = jnp.moveaxis(a, d, 0)
+  a = jnp.broadcast_to(a, (size, n, *a.shape[2:]))
+  return a.reshape(size * n, *a.shape[2:])
+
+
+def _batch(p, plain, args, dims, *, spec):
+  """vmap: fold the batch into the samples when ``x`` is batched; otherwise
+  (a batched tangent or cotangent only: ``jacfwd``, ``jacrev``) vmap the
+  plain map."""
+  if dims[0] is None:
+    out = jax.vmap(functools.partial(plain, spec), in_axes=tuple(dims))(*args)
+    return out, ([0] * len(out) if p.multiple_results else 0)
+  size, n = args[0].shape[dims[0]], args[0].shape[1 if dims[0] == 0 else 0]
+  # The cotangent map's parameter cotangents are per batch element: its
+  # per-channel parameters are made per-sample, and their cotangents summed
+  # back over the samples of each batch element below.
+  m = 1 + spec.has_gamma + spec.has_beta  # the mask's index, when present
+  n_res = m + spec.has_mask + spec.has_count + 2
+  shared = {m} if spec.has_mask else set()
+  if p is tangent_p:  # gamma, beta and their tangents (after tx)
+    shared |= set(range(1, m)) | set(range(n_res + 1, len(args)))
+  folded = [_fold(a, d, size, n, share=i in shared)
+            for i, (a, d) in enumerate(zip(args, dims, strict=True))]
+  out = p.bind(*folded, spec=spec)
+  if p is tangent_p:
+    return out.reshape(size, n, *out.shape[1:]), 0
+  unfolded = [out[0].reshape(size, n, *out[0].shape[1:])]
+  for o, i in zip(out[1:], range(1, m), strict=True):
+    # The parameter's own sample axis: 1 for a per-channel parameter.
+    shape = [k for j, k in enumerate(args[i].shape) if j != dims[i]]
+    samples = shape[0]
+    o = o.reshape(size, n, *o.shape[1:])
+    unfolded.append(jnp.sum(o, axis=1, keepdims=True) if samples == 1 else o)
+  return unfolded, [0] * len(unfolded)
+
+
+batching.primitive_batchers[tangent_p] = functools.partial(_batch, tangent_p, _tangent_plain)
+batching.primitive_batchers[cotangent_p] = functools.partial(_batch, cotangent_p, _cotangent_plain)
+
+
+def tangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, tx, tgamma, tbeta):
+  """``derivative.tangent``'s value, through ``tangent_p``."""
+  spec = Spec(cfg, gamma is not None, beta is not None, mask is not None, count is not None,
+              backends.plan())
+  ops = _pack(spec, x, gamma, beta, mask, count, mean, rstd)
+  ops += [tx] + [t for t, p in ((tgamma, spec.has_gamma), (tbeta, spec.has_beta)) if p]
+  return tangent_p.bind(*ops, spec=spec)
