@@ -1,8 +1,8 @@
 """The derivative of Group Normalization: a lean, forward-mode-safe rule.
 
 ``group_norm_core`` is a ``jax.custom_jvp``. Its rule evaluates the forward
-(each platform's plan: ``backends.forward``) and returns the tangent map
-``tangent`` below, through ``linear.tangent_p``: a primitive whose transpose
+(each platform's plan: ``primitives.forward_p``) and returns the tangent map
+``tangent`` below, through ``primitives.tangent_p``: a primitive whose transpose
 is the backward pass. Reverse mode (linearise, then transpose) therefore keeps
 only ``x``, the affine parameters and the per-(N, G) statistics alive, and
 each platform lowers a backward pass of its own (the CPU: JAX's transpose of
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from gnorm._src import backends
-from gnorm._src import linear
+from gnorm._src import primitives
 from gnorm._src.backends import pallas
 from gnorm._src.backends.hints import Hints
 from gnorm._src.maths import Config
@@ -41,7 +41,9 @@ def _forward(cfg: Config):
   """``forward``'s values by the configured implementation."""
   if cfg.implementation == "pallas":
     return functools.partial(pallas.forward, cfg)
-  return backends.forward(cfg)
+  if cfg.axis_name is not None:  # collectives: plain JAX, every plan traced
+    return backends.forward(cfg)
+  return functools.partial(primitives.forward, cfg)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
@@ -127,8 +129,8 @@ def _group_norm_core_jvp(cfg: Config, primals, tangents):
   tbeta = None if beta is None else tbeta
   if cfg.axis_name is None:
     # A primitive whose transpose is the backward pass of each platform's
-    # plan (``linear.py``); its operands are all reverse mode keeps.
-    return y, linear.tangent(cfg, x, gamma, beta, mask, count, mean, rstd, tx, tgamma, tbeta)
+    # plan (``primitives.py``); its operands are all reverse mode keeps.
+    return y, primitives.tangent(cfg, x, gamma, beta, mask, count, mean, rstd, tx, tgamma, tbeta)
   # Across devices the sums take collectives, which stay in plain JAX:
   # checkpointing the tangent map is what keeps reverse mode lean there (its
   # residuals are its inputs, not the full-size float32 values it computes).

@@ -13,10 +13,9 @@ program lowered for another from a host of the first kind):
 * ``PLAN_PER_PLATFORM`` maps a platform to a reduction plan other than
   ``"xla"`` (``maths.py``'s, steered by the hints above): CUDA and ROCm GPUs
   get ``"xla:gpu"`` (``xla_gpu.py`` for the statistics, ``xla_gpu_vjp.py``
-  for the backward pass). The forward picks its plan with
-  ``lax.platform_dependent``, which traces each plan once; the backward is a
-  primitive (``linear.cotangent_p``) lowered per platform, which traces only
-  the plan of the platform being lowered.
+  for the backward pass). The forward and the backward are primitives
+  (``primitives.py``) lowered per platform, which trace only the plan of the
+  platform being lowered.
 
 ``forced_plan`` (private: tests and benchmarks) makes every platform use one
 plan, so that the GPU's plan is tested on the CPU and the previous GPU program
@@ -52,7 +51,7 @@ PLAN_PER_PLATFORM: Mapping[str, str] = {
 _forced: list[str] = []
 
 
-def _hints() -> Hints:
+def hints() -> Hints:
   """The platforms' hints as one ``Hints``: each is lowered for its own only."""
   entries = list(PER_PLATFORM.values())
   if len(entries) > 1:
@@ -71,7 +70,7 @@ def per_platform(fn: Callable[..., object], *static) -> Callable[..., object]:
     A function of ``args``, pytrees of arrays, that computes ``fn`` with the
     hints of whichever platform it is lowered for.
   """
-  return functools.partial(fn, _hints(), *static)
+  return functools.partial(fn, hints(), *static)
 
 
 @contextlib.contextmanager
@@ -97,10 +96,13 @@ def plan() -> str:
 
 
 def forward(cfg: maths.Config) -> Callable:
-  """``(x, gamma, beta, mask) -> (y, (count, mean, rstd))`` by each platform's plan."""
+  """``(x, gamma, beta, mask) -> (y, (count, mean, rstd))`` by each platform's
+  plan, in plain JAX: for statistics across devices (``cfg.axis_name``),
+  whose collectives a primitive's lowering cannot hold; every other call goes
+  through ``primitives.forward_p``, which traces only one plan."""
   plans = {
-      "xla": functools.partial(maths.forward, _hints(), cfg),
-      "xla:gpu": functools.partial(xla_gpu.forward, cfg),
+      "xla": functools.partial(maths.forward, hints(), cfg),
+      "xla:gpu": functools.partial(maths.forward, DEFAULT, cfg, plan=xla_gpu.moments),
   }
   if plan() != "auto":
     return plans[plan()]

@@ -36,7 +36,6 @@ sums around it (the corrected two-pass form), still with split reductions.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -45,7 +44,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm._src import maths
-from gnorm._src.backends import xla_default
 from gnorm._src.backends.barrier import platform_barrier
 
 # Elements per partial: at most R_MAX (the variance's error bound above); an
@@ -222,20 +220,3 @@ def _masked(x6, m6, g: int, cdt):
   e = maths.masked(m6, x6.astype(cdt) - bc(maths.per_channel(mean, c)))
   q1, q2 = (maths.group_sum(q, g) for q in _per_channel_sums(*stage(sums(e, e * e))))
   return count, mean + q1 / safe, jnp.maximum(q2 - q1 * (q1 / safe), 0)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def forward(cfg: maths.Config, x, gamma, beta, mask):
-  """``maths.forward`` with this plan's statistics (plain hints elsewhere:
-  the output pass is one elementwise fusion that XLA:GPU already gets right).
-
-  JAX cannot differentiate a reduction with a reducer of its own
-  (``sums``): derivatives of these values (second order and up; first order
-  only evaluates them) are those of ``maths.forward``, the same function.
-  """
-  return maths.forward(xla_default.HINTS, cfg, x, gamma, beta, mask, plan=moments)
-
-
-@forward.defjvp
-def _forward_jvp(cfg: maths.Config, primals, tangents):
-  return jax.jvp(functools.partial(maths.forward, xla_default.HINTS, cfg), primals, tangents)

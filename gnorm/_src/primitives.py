@@ -1,28 +1,34 @@
-"""The derivative's two linear maps as primitives, each lowered per platform.
+"""Group Normalization's forward and its derivative's two linear maps as
+primitives, each lowered per platform.
 
-``tangent_p`` is the tangent map of ``group_norm_core`` (forward mode: it is
+``forward_p`` computes the output and the per-(sample, group) statistics;
+``tangent_p`` is the tangent map of ``group_norm_core`` (forward mode:
 ``derivative.tangent``); ``cotangent_p`` is its transpose (reverse mode: the
-backward pass). Making them primitives is what lets each platform have a
-backward pass of its own while ``jvp``, ``jacfwd``, ``hessian`` and
-``check_grads`` keep working:
+backward pass). Primitives are what let each platform have a reduction plan
+and a backward pass of its own while the maths is traced once and ``jvp``,
+``jacfwd``, ``hessian`` and ``check_grads`` keep working:
 
-* ``tangent_p`` is linear in its tangent operands, and its transpose rule is
-  ``cotangent_p``: reverse mode (linearise, then transpose) runs the
-  cotangent map, and keeps only the primitive's non-linear operands (``x``,
-  the affine parameters, the mask and the per-(sample, group) statistics);
-* ``cotangent_p`` is lowered when the program is lowered, by platform: on
-  CUDA and ROCm the closed form of ``backends/xla_gpu_vjp.py``, elsewhere
-  JAX's transpose of the tangent map with the platform's hints (which on the
-  CPU is the program gnorm has always compiled there). A platform that never
-  lowers a plan traces none of it;
+* each is lowered when the program is lowered, by platform: on CUDA and ROCm
+  with ``backends/xla_gpu.py``'s plan (and ``xla_gpu_vjp.py``'s closed-form
+  backward), elsewhere with ``maths.py``'s and the platform's hints (for the
+  backward, JAX's transpose of the tangent map: on the CPU the program gnorm
+  has always compiled there). A program lowered for one platform traces only
+  that platform's plan (``lax.platform_dependent`` would trace every plan);
+* ``tangent_p`` is linear in its tangent operands and its transpose rule is
+  ``cotangent_p`` (and the other way round): reverse mode (linearise, then
+  transpose) runs the cotangent map and keeps only the non-linear operands
+  (``x``, the affine parameters, the mask and the statistics);
 * their derivatives (higher orders) are those of plain JAX versions of the
-  same maps, so anything JAX can differentiate twice works;
+  same functions, so anything JAX can differentiate twice works;
 * under ``vmap`` the batch folds into the sample axis, so a batched call is
-  one call of the same primitive; when only a tangent or cotangent is
-  batched (``jacfwd``, ``jacrev``), the plain maps are vmapped instead.
+  one call of the same primitive; when ``x`` itself is not batched (``jacfwd``
+  and ``jacrev`` batch a tangent or cotangent only) the plain functions are
+  vmapped instead.
 
 The ``plan`` parameter is ``backends.plan()`` at trace time: ``"auto"`` picks
 per platform as above; tests force ``"xla"`` or ``"xla:gpu"`` on any platform.
+Statistics across devices (``axis_name``) need collectives, which stay in
+plain JAX (``derivative.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from jax.interpreters import mlir
 
 from gnorm._src import backends
 from gnorm._src import maths
+from gnorm._src.backends import xla_gpu
 from gnorm._src.backends import xla_gpu_vjp
 
 
@@ -52,6 +59,13 @@ class Spec(NamedTuple):
   has_mask: bool
   has_count: bool
   plan: str  # "auto", "xla" or "xla:gpu"
+
+  def inputs(self, ops):
+    """``forward_p``'s operands: ``(x, gamma, beta, mask)``, ``None`` where absent."""
+    it = iter(ops)
+    x = next(it)
+    return (x, *[next(it) if present else None
+                 for present in (self.has_gamma, self.has_beta, self.has_mask)])
 
   def residuals(self, ops):
     """``(x, gamma, beta, mask, count, mean, rstd)`` (``None`` where absent)
@@ -99,14 +113,33 @@ def _closed_form(spec: Spec, *ops):
   return (dx, *[d for d in (dgamma, dbeta) if d is not None])
 
 
+def _forward_xla(spec: Spec, *ops):
+  x, gamma, beta, mask = spec.inputs(ops)
+  y, stats = maths.forward(backends.hints(), spec.cfg, x, gamma, beta, mask)
+  return (y, *stats)
+
+
+def _forward_gpu(spec: Spec, *ops):
+  x, gamma, beta, mask = spec.inputs(ops)
+  y, stats = maths.forward(backends.DEFAULT, spec.cfg, x, gamma, beta, mask, plan=xla_gpu.moments)
+  return (y, *stats)
+
+
+# Each function by reduction plan; "auto" resolves per platform (``_plain``).
+_FORWARD = {"xla": _forward_xla, "xla:gpu": _forward_gpu}
 _COTANGENT = {"xla": _transposed_tangent, "xla:gpu": _closed_form}
 
 
-def _cotangent_plain(spec: Spec, *ops, platform_plan: str = "xla"):
+def _plain(table, spec: Spec, *ops, platform_plan: str = "xla"):
   plan = platform_plan if spec.plan == "auto" else spec.plan
-  return tuple(_COTANGENT[plan](spec, *ops))
+  return tuple(table[plan](spec, *ops))
 
 
+_forward_plain = functools.partial(_plain, _FORWARD)
+_cotangent_plain = functools.partial(_plain, _COTANGENT)
+
+forward_p = Primitive("gnorm_forward")
+forward_p.multiple_results = True
 tangent_p = Primitive("gnorm_tangent")
 cotangent_p = Primitive("gnorm_cotangent")
 cotangent_p.multiple_results = True
@@ -123,8 +156,16 @@ def _eager(p):
   return run
 
 
+forward_p.def_impl(_eager(forward_p))
 tangent_p.def_impl(_eager(tangent_p))
 cotangent_p.def_impl(_eager(cotangent_p))
+
+
+@forward_p.def_abstract_eval
+def _forward_abstract(*avals, spec):
+  x = avals[0]
+  stats = core.ShapedArray((x.shape[0], spec.cfg.n_groups), maths.compute_dtype(x.dtype))
+  return [core.ShapedArray(x.shape, x.dtype), stats, stats, stats]
 
 
 @tangent_p.def_abstract_eval
@@ -139,14 +180,23 @@ def _cotangent_abstract(*avals, spec):
   return [core.ShapedArray(a.shape, a.dtype) for a in res[:3] if a is not None]
 
 
-mlir.register_lowering(tangent_p, mlir.lower_fun(
-    lambda *ops, spec: _tangent_plain(spec, *ops), multiple_results=False))
-mlir.register_lowering(cotangent_p, mlir.lower_fun(
-    lambda *ops, spec: _cotangent_plain(spec, *ops), multiple_results=True))
-for _platform, _plan in backends.PLAN_PER_PLATFORM.items():
-  mlir.register_lowering(cotangent_p, mlir.lower_fun(
-      functools.partial(lambda *ops, spec, plan: _cotangent_plain(spec, *ops, platform_plan=plan),
-                        plan=_plan), multiple_results=True), platform=_platform)
+def _register_lowerings(p, plain, multiple_results: bool) -> None:
+  """``plain``'s "xla" plan everywhere, each platform's own where it has one."""
+  def lower(platform_plan):
+    def fn(*ops, spec):
+      out = plain(spec, *ops, platform_plan=platform_plan)
+      return out if multiple_results else out[0]
+    return mlir.lower_fun(fn, multiple_results=multiple_results)
+
+  mlir.register_lowering(p, lower("xla"))
+  for platform, plan in backends.PLAN_PER_PLATFORM.items():
+    mlir.register_lowering(p, lower(plan), platform=platform)
+
+
+_register_lowerings(forward_p, _forward_plain, multiple_results=True)
+_register_lowerings(tangent_p, lambda spec, *ops, platform_plan: (_tangent_plain(spec, *ops),),
+                    multiple_results=False)
+_register_lowerings(cotangent_p, _cotangent_plain, multiple_results=True)
 
 
 def _tangent_transpose(ct, *ops, spec):
@@ -190,6 +240,9 @@ def _jvp_rule(plain, primals, tangents, *, spec):
   return jax.jvp(fn, tuple(primals), tuple(tangents))
 
 
+# The forward's higher derivatives are maths.py's (the GPU plan's sums are
+# the same function, and jvp-ing its reductions would only be slower).
+ad.primitive_jvps[forward_p] = functools.partial(_jvp_rule, _forward_xla)
 ad.primitive_jvps[tangent_p] = functools.partial(_jvp_rule, _tangent_plain)
 ad.primitive_jvps[cotangent_p] = functools.partial(_jvp_rule, _cotangent_plain)
 
@@ -223,13 +276,15 @@ def _batch(p, plain, args, dims, *, spec):
   m = 1 + spec.has_gamma + spec.has_beta  # the mask's index, when present
   n_res = m + spec.has_mask + spec.has_count + 2
   shared = {m} if spec.has_mask else set()
-  if p is tangent_p:  # gamma, beta and their tangents (after tx)
+  if p is not cotangent_p:  # gamma, beta and (tangent_p) their tangents, after tx
     shared |= set(range(1, m)) | set(range(n_res + 1, len(args)))
   folded = [_fold(a, d, size, n, share=i in shared)
             for i, (a, d) in enumerate(zip(args, dims, strict=True))]
   out = p.bind(*folded, spec=spec)
   if p is tangent_p:
     return out.reshape(size, n, *out.shape[1:]), 0
+  if p is forward_p:
+    return [o.reshape(size, n, *o.shape[1:]) for o in out], [0] * len(out)
   unfolded = [out[0].reshape(size, n, *out[0].shape[1:])]
   for o, i in zip(out[1:], range(1, m), strict=True):
     # The parameter's own sample axis: 1 for a per-channel parameter.
@@ -240,6 +295,7 @@ def _batch(p, plain, args, dims, *, spec):
   return unfolded, [0] * len(unfolded)
 
 
+batching.primitive_batchers[forward_p] = functools.partial(_batch, forward_p, _forward_plain)
 batching.primitive_batchers[tangent_p] = functools.partial(_batch, tangent_p, _tangent_plain)
 batching.primitive_batchers[cotangent_p] = functools.partial(_batch, cotangent_p, _cotangent_plain)
 
@@ -251,3 +307,11 @@ def tangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, tx, tgam
   ops = _pack(spec, x, gamma, beta, mask, count, mean, rstd)
   ops += [tx] + [t for t, p in ((tgamma, spec.has_gamma), (tbeta, spec.has_beta)) if p]
   return tangent_p.bind(*ops, spec=spec)
+
+
+def forward(cfg: maths.Config, x, gamma, beta, mask):
+  """``(y, (count, mean, rstd))`` by each platform's plan, through ``forward_p``."""
+  spec = Spec(cfg, gamma is not None, beta is not None, mask is not None, False, backends.plan())
+  ops = [a for a in (x, gamma, beta, mask) if a is not None]
+  y, count, mean, rstd = forward_p.bind(*ops, spec=spec)
+  return y, (count, mean, rstd)
