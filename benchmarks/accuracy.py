@@ -3,6 +3,9 @@
 Run ``python benchmarks/accuracy.py``; it prints a markdown table of the max
 absolute error of each implementation on the same data (unit-scale gamma and
 beta, eps 1e-5 for both) and writes it to ``benchmarks/results/accuracy.md``.
+gnorm is measured with both of its reduction plans, whatever the backend:
+``maths.py``'s (the CPU's, and TPU's) and ``backends/xla_gpu.py``'s (CUDA's and
+ROCm's), each forced with ``backends.forced_plan``.
 
 gnorm returns the input's dtype, so its half-precision errors include one
 rounding of the output (2^-8 relative for bfloat16); flax promotes to float32
@@ -24,7 +27,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gnorm  # noqa: E402
+from gnorm._src import backends  # noqa: E402
 from tests.reference import group_norm_ref  # noqa: E402
+
+PLANS = {"xla": "gnorm, maths.py plan (CPU, TPU)", "xla:gpu": "gnorm, GPU plan (CUDA, ROCm)"}
 
 CASES = [
     # name, shape, G, dtype, loc, scale
@@ -45,7 +51,14 @@ def measure(shape, g, dtype, loc, scale, seed=0):
   gamma = rng.uniform(0.5, 1.5, size=c).astype(np.float32)
   beta = rng.uniform(-1, 1, size=c).astype(np.float32)
   ref = group_norm_ref(np.asarray(x, np.float64), g, gamma, beta, 1e-5)
-  ours = jax.jit(lambda x: gnorm.group_norm({"gamma": gamma, "beta": beta}, x, g))(x)
+
+  def traced(plan):
+    def f(x):
+      with backends.forced_plan(plan):
+        return gnorm.group_norm({"gamma": gamma, "beta": beta}, x, g)
+    return f
+
+  ours = {plan: jax.jit(traced(plan))(x) for plan in PLANS}
   flax_gn = nn.GroupNorm(num_groups=g, epsilon=1e-5)
   theirs = jax.jit(lambda x: flax_gn.apply(
       {"params": {"scale": gamma, "bias": beta}}, x))(x)
@@ -54,7 +67,7 @@ def measure(shape, g, dtype, loc, scale, seed=0):
     y = np.asarray(y, np.float64)
     return float(np.nanmax(np.abs(y - ref))) if np.all(np.isfinite(y)) else float("inf")
 
-  return err(ours), err(theirs), ours.dtype, theirs.dtype
+  return [err(y) for y in ours.values()], err(theirs), ours["xla"].dtype, theirs.dtype
 
 
 def main(argv=None):
@@ -62,15 +75,16 @@ def main(argv=None):
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   args = parser.parse_args(argv)
   lines = [
-      "| data (shape (8, 32, 32, 64), G=32) | gnorm max abs error | "
-      "flax.linen.GroupNorm max abs error | output dtype (gnorm / flax) |",
-      "|---|---|---|---|",
+      "| data (shape (8, 32, 32, 64), G=32) | " + " | ".join(PLANS.values()) +
+      " | flax.linen.GroupNorm | output dtype (gnorm / flax) |",
+      "|---|---|---|---|---|",
   ]
   for name, shape, g, dtype, loc, scale in CASES:
     ours, theirs, dt_ours, dt_theirs = measure(shape, g, dtype, loc, scale)
-    lines.append(f"| {name} | {ours:.2e} | {theirs:.2e} | {dt_ours} / {dt_theirs} |")
+    cells = " | ".join(f"{e:.2e}" for e in ours)
+    lines.append(f"| {name} | {cells} | {theirs:.2e} | {dt_ours} / {dt_theirs} |")
   table = "\n".join(lines)
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}\n")
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}; max absolute error\n")
   print(table)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

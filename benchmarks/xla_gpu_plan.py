@@ -35,6 +35,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -125,9 +126,12 @@ def _compiler(deviceless: str | None):
   return compile_, f"cuda (deviceless, {deviceless})"
 
 
-def run(shapes, deviceless: str | None) -> dict:
+def run(shapes, deviceless: str | None, out: pathlib.Path) -> dict:
+  """Compiles and reads every program; rewrites the reports after each case, so that a run
+  stopped early (a time limit) leaves what it had."""
   compile_, target = _compiler(deviceless)
-  rows = []
+  results = {"target": target, "jax": jax.__version__, "gnorm": gnorm.__version__,
+             "commit": _commit(), "date": datetime.date.today().isoformat(), "rows": []}
   for dtype in ("bfloat16", "float32"):
     for shape in shapes:
       case = Case(shape, 32, dtype)
@@ -138,21 +142,40 @@ def run(shapes, deviceless: str | None) -> dict:
         f = make(case)
         for direction, fn, args in (("fwd", f, (x, p, p)), ("fwdbwd", _fwdbwd(f), (x, p, p, x))):
           s = hlo_structure.summary(compile_(fn, *args), x_bytes)
-          rows.append({"case": case.label, "impl": name, "direction": direction, **s})
+          results["rows"].append({"case": case.label, "impl": name, "direction": direction, **s})
           print(f"{case.label:28s} {name:11s} {direction:7s} {s['kernels']:3d} kernels "
                 f"{s['traffic_x']:6.2f} x-sizes", file=sys.stderr, flush=True)
-  return {"target": target, "jax": jax.__version__, "gnorm": gnorm.__version__,
-          "date": datetime.date.today().isoformat(), "rows": rows}
+      _write(results, out)
+  return results
+
+
+def _write(results: dict, out: pathlib.Path) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "xla_gpu_plan.json").write_text(json.dumps(results, separators=(",", ":")))
+  (out / "xla_gpu_plan.md").write_text(to_markdown(results))
+
+
+def _commit() -> str:
+  """The source tree's git commit ("dirty" when it has changes), or "unknown"."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "gnorm"], cwd=root,
+                           check=True, capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return head + ("+dirty" if dirty else "")
 
 
 def to_markdown(results: dict) -> str:
   lines = [
       "# XLA's compiled GroupNorm programs: kernels and modelled traffic",
       "",
-      f"Compiled for {results['target']}, jax {results['jax']}, gnorm {results['gnorm']}, "
-      f"{results['date']} (`python benchmarks/xla_gpu_plan.py`). Each cell: kernels / bytes "
-      "moved in x-sizes (read + written, from the optimized HLO's shapes; "
-      "`gnorm_bench/hlo_structure.py`). A model of memory traffic, not a timing.",
+      f"Compiled for {results['target']}, jax {results['jax']}, gnorm {results['gnorm']} "
+      f"(commit {results['commit']}), {results['date']} (`python benchmarks/xla_gpu_plan.py`). "
+      "Each cell: kernels / bytes moved in x-sizes (read + written, from the optimized "
+      "HLO's shapes; `gnorm_bench/hlo_structure.py`). A model of memory traffic, not a timing.",
       "",
   ]
   impls = list(IMPLS)
@@ -181,13 +204,9 @@ def main(argv=None) -> int:
                  help="compile for this GPU without one (needs a CUDA build of jaxlib)")
   p.add_argument("--quick", action="store_true", help="one tiny shape: a smoke test")
   args = p.parse_args(argv)
-  results = run(QUICK_SHAPES if args.quick else GPU_SHAPES, args.deviceless)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "xla_gpu_plan.json").write_text(json.dumps(results, indent=1))
-  md = to_markdown(results)
-  (out / "xla_gpu_plan.md").write_text(md)
-  print(md)
+  results = run(QUICK_SHAPES if args.quick else GPU_SHAPES, args.deviceless,
+                pathlib.Path(args.out))
+  print(to_markdown(results))
   return 0
 
 

@@ -274,16 +274,27 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
   files = list(out.rglob("*"))
   assert len(files) <= 8 and all(f.is_file() and f.parent == out for f in files), files
   names = {f.name for f in files}
-  assert {"summary.txt", "pytest.log", "accuracy.md", "bench.log", "latest.md"} <= names
+  assert {"summary.txt", "pytest.log", "steps.log", "gpu_bench.md", "gpu_bench.json",
+          "drop_in.json", "xla_gpu_plan.md", "xla_gpu_plan.json"} == names, names
   summary = (out / "summary.txt").read_text()
   assert "jax backend cpu" in summary and "FAILED" not in summary
   assert " passed" in (out / "pytest.log").read_text()
-  assert "| N(0, 1), float32 |" in (out / "accuracy.md").read_text()
-  results = json.loads((out / "latest.json").read_text())
-  assert results["settings"]["cases"] == "quick" and results["fused"]["cases"]
-  _check_copy_bandwidth(results)
-  # The targets are on stdout, issue #13's fused one included.
-  assert "### Fused targets" in proc.stdout and "issue #13: fused Pallas" in proc.stdout
+  assert "| N(0, 1), float32 |" in summary  # the accuracy table
+  # Each step's time, the xla_gpu_plan step run beside the tests.
+  for step in ("tests (pytest)", "accuracy table", "XLA's GPU programs", "device-time benchmark",
+               "drop-in model benchmark", "targets of issues 19 and 20"):
+    assert f"== {step}" in summary and f"{step}" in summary.split("== step seconds:")[1], step
+  steps_log = (out / "steps.log").read_text()
+  assert "== device-time benchmark" in steps_log and "== drop-in model benchmark" in steps_log
+  bench = json.loads((out / "gpu_bench.json").read_text())
+  assert bench["settings"]["quick"] and bench["not_measured"] == [] and bench["cases"]
+  assert json.loads((out / "drop_in.json").read_text())["model"]["quick"]
+  # Every target of issues 19 and 20, last on stdout: not applicable off a GPU.
+  tail = proc.stdout[proc.stdout.index("Targets of issues 19 and 20"):]
+  for tid in ("19a-fwd", "19a-fwdbwd", "19b", "19c-fwd", "19c-fwdbwd", "19d", "19m-memory",
+              "19m-speed", "20a", "20b", "20c", "20d", "20e", "20f", "20m"):
+    assert f"\n{tid} " in tail and f"\n{tid} " in summary, tid
+  assert "targets: 0 met, 0 NOT MET, 15 not applicable or not decided" in tail
 
 
 @pytest.mark.skipif(

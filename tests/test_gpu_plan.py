@@ -272,10 +272,11 @@ def test_derivatives_match_plain_autodiff(x64, shape, channel_axis, n_groups, ac
     np.testing.assert_allclose(u, v, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("n", [1, 3])
-def test_vmap_of_gradients_folds_the_batch(per_sample, with_mask, n):
+def test_vmap_of_gradients_folds_the_batch(activation, per_sample, with_mask, n):
   # Per-example gradients: vmap over a batch of inputs and cotangents, the
   # case the primitives fold into their sample axis. Compared with a loop.
   x, gamma, beta = _data((4, n, 6, 6, 16), seed=10, per_sample=False)
@@ -287,7 +288,7 @@ def test_vmap_of_gradients_folds_the_batch(per_sample, with_mask, n):
 
   def grads(x, ct):
     def loss(p, x):
-      y = gnorm.group_norm(p, x, 4, mask=mask, activation="silu")
+      y = gnorm.group_norm(p, x, 4, mask=mask, activation=activation)
       return jnp.sum(y * ct)
     return jax.grad(loss, argnums=(0, 1))({"gamma": gamma, "beta": beta}, x)
 

@@ -87,10 +87,12 @@ a channels-last tensor and the faster counts; forward runs under
 ``torch.no_grad()``, forward+backward is ``torch.autograd.grad`` for ``x``,
 ``weight`` and ``bias``. On the CPU ``torch.set_num_threads`` is set to the
 cores XLA uses and ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` (see
-``bench.py``). Parameters are float32 for every implementation, also for the
-bfloat16 input (so flax and haiku, which promote to the parameter dtype,
-return float32 there; gnorm, equinox and torch return bfloat16); the floor's
-``g`` and ``b`` are in ``x``'s dtype so that it writes ``x``'s dtype.
+``bench.py``). Parameters are float32 for every JAX implementation, also for
+the bfloat16 input (so flax and haiku, which promote to the parameter dtype,
+return float32 there; gnorm and equinox return bfloat16); torch's are in x's
+dtype, as torch users keep them (its CUDA backward rejects float32 parameters
+with bfloat16 input); the floor's ``g`` and ``b`` are in ``x``'s dtype so that
+it writes ``x``'s dtype.
 
 Modules, in the order a run uses them:
 
@@ -105,4 +107,10 @@ Modules, in the order a run uses them:
 * ``cli``: the flags and the files; ``benchmarks/bench.py`` calls it.
 * ``model``: the ResNet-block stack that ``benchmarks/drop_in.py`` trains with
   flax's GroupNorm, the linen drop-in and gnorm's fused layer (issue #14).
+* ``device_*``: ``benchmarks/gpu_bench.py``'s device-time benchmark (issues 19 and
+  20): ``device_cases`` (the GPU case set, the order of the work), ``device_loop``
+  (chained calls in one program), ``device_timing``, ``device_impls`` (JAX),
+  ``device_torch`` (CUDA graphs), ``device_accuracy``, ``device_profile``,
+  ``device_run``, ``device_targets``, ``device_report``; and
+  ``device_pytest_deadline``, the plugin that ends ``gpu_check.sh``'s test step in time.
 """

@@ -30,6 +30,31 @@ def _blocking(fn, device):
   return run
 
 
+def tensors(case: Case, data: dict, channels_last: bool, device: str = "cpu") -> tuple:
+  """``x`` and ``ct`` (NCHW, contiguous or channels-last) and ``weight``, ``bias``, on ``device``.
+
+  The weight and bias are in x's dtype, as torch users keep them (a module's
+  ``.to(torch.bfloat16)`` converts its parameters too): with bfloat16 input and
+  float32 parameters, ``F.group_norm``'s backward on CUDA raises "expected scalar
+  type BFloat16 but found Float" (torch 2.11, H200). JAX's implementations keep
+  float32 parameters, their own convention.
+  """
+  import torch
+
+  dev = torch.device(device)
+  tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[case.dtype]
+  fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+  def tensor(a_nhwc):
+    t = torch.from_numpy(np.array(a_nhwc)).permute(0, 3, 1, 2)  # a writable copy
+    return t.to(device=dev, dtype=tdt).contiguous(memory_format=fmt)
+
+  def param(a):
+    return torch.from_numpy(a.astype(np.float32)).to(device=dev, dtype=tdt)
+
+  return tensor(data["x"]), tensor(data["ct"]), param(data["gamma"]), param(data["beta"])
+
+
 def prepare_torch(
   case: Case,
   data: dict,
@@ -42,17 +67,8 @@ def prepare_torch(
   import torch.nn.functional as F
 
   dev = torch.device(device)
-  tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[case.dtype]
   fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-  def tensor(a_nhwc):
-    t = torch.from_numpy(np.array(a_nhwc)).permute(0, 3, 1, 2)  # a writable copy
-    return t.to(device=dev, dtype=tdt).contiguous(memory_format=fmt)
-
-  x = tensor(data["x"])
-  ct = tensor(data["ct"])
-  w = torch.from_numpy(data["gamma"].astype(np.float32)).to(dev)
-  b = torch.from_numpy(data["beta"].astype(np.float32)).to(dev)
+  x, ct, w, b = tensors(case, data, channels_last, device)
   xl = x.detach().clone().contiguous(memory_format=fmt).requires_grad_(True)
   wl = w.detach().clone().requires_grad_(True)
   bl = b.detach().clone().requires_grad_(True)

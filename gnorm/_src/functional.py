@@ -45,7 +45,9 @@ def group_norm(
   ``(N, D, H, W, C)`` all work (``channel_axis=1`` for NCHW).
 
   Numerics: statistics are computed in at least float32 (float64 input with
-  ``jax_enable_x64`` stays float64) with a two-pass variance, so data whose
+  ``jax_enable_x64`` stays float64), never as ``E[x^2] - E[x]^2``: a two-pass
+  variance on the CPU and TPU, a shifted one-pass form with an exact combine
+  on CUDA and ROCm GPUs (docs/accuracy.md gives the bounds), so data whose
   mean is large against its spread keeps its digits; the output has the
   input's dtype. Integer and bool input is promoted to float32. NaN or Inf in
   ``x`` that is not masked out makes the statistics, and so the whole group,

@@ -27,8 +27,10 @@ of those small arrays lets every shard combine them exactly (Chan et al.),
 which keeps the two-pass accuracy with a single collective.
 
 Functions that touch full-size arrays take a ``Hints`` first (see
-``backends/``): the same maths, steered per platform. The derivative is in
-``derivative.py``.
+``backends/``): the same maths, steered per platform. CUDA and ROCm GPUs
+reduce the statistics by a plan of their own (``backends/xla_gpu.py``, passed
+to ``forward`` as ``plan``): the same statistics, laid out for XLA:GPU. The
+derivative is in ``derivative.py``.
 """
 
 from __future__ import annotations

@@ -55,10 +55,20 @@ class Spec(NamedTuple):
 
   cfg: maths.Config
   has_gamma: bool
-  has_beta: bool
+  has_beta: bool  # beta is an operand (the linear maps need it only under an activation)
   has_mask: bool
   has_count: bool
   plan: str  # "auto", "xla" or "xla:gpu"
+  # The linear maps: beta's (shape, dtype name) when there is a beta at all,
+  # operand or not: its tangent and cotangent have that aval.
+  beta_aval: tuple | None = None
+
+  def beta_like(self):
+    """A stand-in for beta with its shape and dtype (``None`` without beta)."""
+    if self.beta_aval is None:
+      return None
+    shape, dtype = self.beta_aval
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
 
   def inputs(self, ops):
     """``forward_p``'s operands: ``(x, gamma, beta, mask)``, ``None`` where absent."""
@@ -86,7 +96,7 @@ def _tangent_plain(spec: Spec, *ops):
   res, (tx, *rest) = spec.residuals(ops)
   it = iter(rest)
   tgamma = next(it) if spec.has_gamma else None
-  tbeta = next(it) if spec.has_beta else None
+  tbeta = next(it) if spec.beta_aval is not None else None
   return backends.per_platform(_tangent_fn(), spec.cfg)(*res, tx, tgamma, tbeta)
 
 
@@ -99,16 +109,21 @@ def _tangent_fn():
 def _transposed_tangent(spec: Spec, *ops):
   """The cotangent map as JAX's transpose of the tangent map."""
   res, (ct,) = spec.residuals(ops)
-  x, gamma, beta = res[0], res[1], res[2]
+  x, gamma = res[0], res[1]
   avals = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
-  avals += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in (gamma, beta) if p is not None]
+  avals += [jax.ShapeDtypeStruct(p.shape, p.dtype)
+            for p in (gamma, spec.beta_like()) if p is not None]
   tangent = functools.partial(_tangent_plain, spec, *_pack(spec, *res))
+  # jax.checkpoint, as the rule had before it was a primitive: its barriers
+  # keep the backward's recomputations of x - mean apart, which makes this
+  # the very program XLA:CPU compiled before (checked op by op).
   return jax.linear_transpose(jax.checkpoint(tangent), *avals)(ct)
 
 
 def _closed_form(spec: Spec, *ops):
   """The cotangent map in closed form (``xla_gpu_vjp.py``)."""
   (x, gamma, beta, mask, count, mean, rstd), (ct,) = spec.residuals(ops)
+  beta = spec.beta_like() if beta is None else beta  # only its shape and dtype, then
   dx, dgamma, dbeta = xla_gpu_vjp.cotangent(spec.cfg, x, gamma, beta, mask, count, mean, rstd, ct)
   return (dx, *[d for d in (dgamma, dbeta) if d is not None])
 
@@ -177,7 +192,8 @@ def _tangent_abstract(*avals, spec):
 @cotangent_p.def_abstract_eval
 def _cotangent_abstract(*avals, spec):
   res, _ = spec.residuals(avals)
-  return [core.ShapedArray(a.shape, a.dtype) for a in res[:3] if a is not None]
+  return [core.ShapedArray(a.shape, a.dtype)
+          for a in (res[0], res[1], spec.beta_like()) if a is not None]
 
 
 def _register_lowerings(p, plain, multiple_results: bool) -> None:
@@ -280,18 +296,24 @@ def _batch(p, plain, args, dims, *, spec):
     shared |= set(range(1, m)) | set(range(n_res + 1, len(args)))
   folded = [_fold(a, d, size, n, share=i in shared)
             for i, (a, d) in enumerate(zip(args, dims, strict=True))]
-  out = p.bind(*folded, spec=spec)
+  folded_spec = spec
+  if p is cotangent_p and spec.beta_aval is not None:  # beta's cotangent: per sample too
+    folded_spec = spec._replace(beta_aval=((size * n, spec.beta_aval[0][1]), spec.beta_aval[1]))
+  out = p.bind(*folded, spec=folded_spec)
   if p is tangent_p:
     return out.reshape(size, n, *out.shape[1:]), 0
   if p is forward_p:
     return [o.reshape(size, n, *o.shape[1:]) for o in out], [0] * len(out)
+  # Each parameter's own sample axis: 1 for a per-channel parameter.
+  samples = []
+  if spec.has_gamma:
+    samples.append([k for j, k in enumerate(args[1].shape) if j != dims[1]][0])
+  if spec.beta_aval is not None:
+    samples.append(spec.beta_aval[0][0])
   unfolded = [out[0].reshape(size, n, *out[0].shape[1:])]
-  for o, i in zip(out[1:], range(1, m), strict=True):
-    # The parameter's own sample axis: 1 for a per-channel parameter.
-    shape = [k for j, k in enumerate(args[i].shape) if j != dims[i]]
-    samples = shape[0]
+  for o, k in zip(out[1:], samples, strict=True):
     o = o.reshape(size, n, *o.shape[1:])
-    unfolded.append(jnp.sum(o, axis=1, keepdims=True) if samples == 1 else o)
+    unfolded.append(jnp.sum(o, axis=1, keepdims=True) if k == 1 else o)
   return unfolded, [0] * len(unfolded)
 
 
@@ -302,10 +324,13 @@ batching.primitive_batchers[cotangent_p] = functools.partial(_batch, cotangent_p
 
 def tangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, tx, tgamma, tbeta):
   """``derivative.tangent``'s value, through ``tangent_p``."""
-  spec = Spec(cfg, gamma is not None, beta is not None, mask is not None, count is not None,
-              backends.plan())
-  ops = _pack(spec, x, gamma, beta, mask, count, mean, rstd)
-  ops += [tx] + [t for t, p in ((tgamma, spec.has_gamma), (tbeta, spec.has_beta)) if p]
+  # beta enters the maps only through the activation's derivative: without
+  # one, reverse mode need not keep it (its cotangent needs only its aval).
+  spec = Spec(cfg, gamma is not None, beta is not None and cfg.activation is not None,
+              mask is not None, count is not None, backends.plan(),
+              None if beta is None else (tuple(beta.shape), jnp.dtype(beta.dtype).name))
+  ops = _pack(spec, x, gamma, beta if spec.has_beta else None, mask, count, mean, rstd)
+  ops += [tx] + [t for t in (tgamma, tbeta) if t is not None]
   return tangent_p.bind(*ops, spec=spec)
 
 
