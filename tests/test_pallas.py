@@ -54,10 +54,13 @@ def plan(request, monkeypatch):
   """Both plans of ``backends/pallas.py``: a group in one block (x read
   once), or partial moments then a normalising pass (forced by a zero
   one-pass budget, as for a large group)."""
+  from gnorm._src.backends import pallas
   from gnorm._src.backends import pallas_triton
 
   if request.param == "two_kernels":
     monkeypatch.setattr(pallas_triton, "ONE_PASS_MAX_ELEMENTS", 0)
+  else:  # these small tests have few (sample, group) pairs
+    monkeypatch.setattr(pallas, "ONE_PASS_MIN_PROGRAMS", 0)
   return request.param
 
 
@@ -97,6 +100,63 @@ def test_gradients_match_xla(name, plan):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=tol, atol=tol)
+
+
+def _naive64(p, x, g, axis, act):
+  """Plain-autodiff GroupNorm in float64 (shares no code with gnorm)."""
+  from gnorm._src.maths import ACTIVATIONS
+
+  xl = jnp.moveaxis(x, axis, -1)
+  n, c = xl.shape[0], xl.shape[-1]
+  xg = xl.reshape(n, -1, g, c // g)
+  mean = xg.mean(axis=(1, 3), keepdims=True)
+  var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(n, -1, c)
+  y = y * p["gamma"].reshape(-1, 1, c) + p["beta"].reshape(-1, 1, c)
+  if act is not None:
+    y = ACTIVATIONS[act](y)
+  return jnp.moveaxis(y.reshape(xl.shape), -1, axis)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_backward_kernels_match_float64_reference(x64, name, plan):
+  # The backward kernels (partial sums, then dx) in the interpreter against
+  # float64 autodiff of the plain formula: every layout, tail and dtype.
+  shape, g, axis, dtype, act, per_sample = CASES[name]
+  x, p = _data(shape, axis, dtype, per_sample, seed=7)
+  ct = np.asarray(jnp.asarray(np.random.default_rng(8).normal(size=shape), dtype))
+  f = lambda p, x: gnorm.group_norm(p, x, g, channel_axis=axis, activation=act,  # noqa: E731
+                                    implementation="pallas")
+  y, vjp = jax.vjp(f, p, jnp.asarray(x))
+  got = vjp(jnp.asarray(ct, y.dtype))
+  p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p)
+  _, vjp64 = jax.vjp(lambda p, x: _naive64(p, x, g, axis, act), p64,
+                     jnp.asarray(x, jnp.float64))
+  want = vjp64(jnp.asarray(ct, jnp.float64))
+  # float32: rounding only; half precision: dx is rounded to x's dtype once.
+  # The terms dx cancels are of the size of |dy| * |gamma| * rstd: rounding
+  # is relative to them (with G = C every group is one element, rstd is
+  # 1/sqrt(eps) and dx is 0 in exact arithmetic).
+  rel = {np.float32: 1e-5, jnp.bfloat16: 2.0**-7, np.float16: 2.0**-9}[dtype]
+  xg = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(shape[0], -1, g, shape[axis] // g)
+  terms = np.abs(ct).max() * np.abs(p["gamma"]).max() / np.sqrt(xg.var(axis=(1, 3)).min() + 1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+    a, b = np.asarray(a, np.float64), np.asarray(b)
+    tol = rel * np.max(np.abs(b)) + 4 * np.finfo(np.float32).eps * terms
+    assert np.max(np.abs(a - b)) <= tol, (name, np.max(np.abs(a - b)), tol)
+
+
+def test_kernels_are_deterministic(plan):
+  # No atomics, no order that changes between runs: the same bits every time.
+  x, p = _data((2, 600, 12), -1, np.float32, False, seed=9)
+  ct = np.random.default_rng(10).normal(size=x.shape).astype(np.float32)
+  f = jax.jit(jax.value_and_grad(
+      lambda p, x: jnp.sum(gnorm.group_norm(p, x, 4, activation="silu",
+                                            implementation="pallas") * ct), argnums=(0, 1)))
+  first = jax.tree_util.tree_leaves(f(p, x))
+  for _ in range(2):
+    for a, b in zip(first, jax.tree_util.tree_leaves(f(p, x)), strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_vmap_jvp_jacfwd_hessian(plan):
@@ -153,13 +213,19 @@ def test_eps_zero_constant_group(plan):
 
 
 def test_auto_is_xla_and_pallas_is_the_kernels():
+  # The kernels are chosen when the program is lowered: Triton calls in a
+  # module lowered for CUDA, forward and backward, and none for "auto".
   x = jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)
 
-  def jaxpr(impl):
-    return str(jax.make_jaxpr(lambda x: gnorm.group_norm(None, x, 2, implementation=impl))(x))
+  def lowered(impl, platform):
+    def f(x):
+      return jax.grad(lambda x: gnorm.group_norm(None, x, 2, implementation=impl).sum())(x)
+    return jax.jit(f).trace(x).lower(lowering_platforms=(platform,)).as_text()
 
-  assert "pallas_call" not in jaxpr("auto") and jaxpr("auto") == jaxpr("xla")
-  assert jaxpr("pallas").count("pallas_call") >= 2  # interpreted and compiled branches
+  triton = "__gpu$xla.gpu.triton"
+  assert lowered("auto", "cpu") == lowered("xla", "cpu")
+  assert triton not in lowered("auto", "cuda")
+  assert lowered("pallas", "cuda").count(triton) == 4  # partial moments, normalise; sums, dx
 
 
 @pytest.mark.parametrize("kwargs,option", [

@@ -14,8 +14,8 @@ because the primitives' derivatives are those of plain JAX code (a
 With ``axis_name`` (statistics across devices) the sums need collectives,
 which stay in plain JAX: the tangent map is then wrapped in
 ``jax.checkpoint`` instead, for the same lean residuals, and transposed by
-JAX on every platform. With ``implementation="pallas"`` the forward's values
-come from the kernels of ``backends/pallas.py``; the derivative is this one.
+JAX on every platform. With ``implementation="pallas"`` the primitives lower
+the kernels of ``backends/pallas.py``, forward and backward.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from gnorm._src import backends
 from gnorm._src import primitives
-from gnorm._src.backends import pallas
 from gnorm._src.backends.hints import Hints
 from gnorm._src.maths import Config
 from gnorm._src.maths import group_sum
@@ -38,9 +37,7 @@ from gnorm._src.maths import view
 
 
 def _forward(cfg: Config):
-  """``forward``'s values by the configured implementation."""
-  if cfg.implementation == "pallas":
-    return functools.partial(pallas.forward, cfg)
+  """``forward``'s values by each platform's plan or the Pallas kernels."""
   if cfg.axis_name is not None:  # collectives: plain JAX, every plan traced
     return backends.forward(cfg)
   return functools.partial(primitives.forward, cfg)

@@ -156,6 +156,17 @@ def per_channel(t: jax.Array, channels: int) -> jax.Array:
   return jnp.broadcast_to(t[:, :, None], (n, g, channels // g)).reshape(n, channels)
 
 
+def affine_cotangent(p, per_sample: jax.Array):
+  """The cotangent of an affine parameter ``p`` (``None``, ``(1, C)`` or
+  ``(N, C)``; anything with its shape and dtype) from its per-(sample,
+  channel) value ``(N, C)``: summed over the batch for a per-channel one."""
+  if p is None:
+    return None
+  if p.shape[0] == 1:
+    per_sample = jnp.sum(per_sample, axis=0, keepdims=True)
+  return per_sample.astype(p.dtype)
+
+
 def masked(mask, t):
   """``t`` where ``mask`` holds, 0 elsewhere (no mask: ``t``)."""
   # where, not multiply: NaN or Inf at a masked-out position must not leak.

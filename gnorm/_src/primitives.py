@@ -46,6 +46,7 @@ from jax.interpreters import mlir
 
 from gnorm._src import backends
 from gnorm._src import maths
+from gnorm._src.backends import pallas
 from gnorm._src.backends import xla_gpu
 from gnorm._src.backends import xla_gpu_vjp
 
@@ -140,12 +141,31 @@ def _forward_gpu(spec: Spec, *ops):
   return (y, *stats)
 
 
-# Each function by reduction plan; "auto" resolves per platform (``_plain``).
-_FORWARD = {"xla": _forward_xla, "xla:gpu": _forward_gpu}
-_COTANGENT = {"xla": _transposed_tangent, "xla:gpu": _closed_form}
+def _forward_pallas(spec: Spec, *ops, interpret: bool):
+  x, gamma, beta, _ = spec.inputs(ops)
+  y, stats = pallas.forward(spec.cfg, x, gamma, beta, interpret=interpret)
+  return (y, *stats)
 
 
-def _plain(table, spec: Spec, *ops, platform_plan: str = "xla"):
+def _cotangent_pallas(spec: Spec, *ops, interpret: bool):
+  (x, gamma, beta, mask, count, mean, rstd), (ct,) = spec.residuals(ops)
+  beta = spec.beta_like() if beta is None else beta
+  dx, dgamma, dbeta = pallas.cotangent(spec.cfg, x, gamma, beta, mask, count, mean, rstd, ct,
+                                       interpret=interpret)
+  return (dx, *[d for d in (dgamma, dbeta) if d is not None])
+
+
+# Each function by reduction plan, and by Pallas kernels (compiled by Triton
+# on CUDA, in Pallas's interpreter elsewhere); "auto" resolves per platform.
+_FORWARD = {"xla": _forward_xla, "xla:gpu": _forward_gpu, "pallas": _forward_pallas}
+_COTANGENT = {"xla": _transposed_tangent, "xla:gpu": _closed_form, "pallas": _cotangent_pallas}
+
+
+def _plain(table, spec: Spec, *ops, platform_plan: str = "xla", platform: str | None = None):
+  """``table``'s function for ``spec``; ``platform``: where it is being lowered (None: any,
+  as for higher derivatives, which take the XLA maths also for the Pallas kernels)."""
+  if spec.cfg.implementation == "pallas" and platform is not None:
+    return tuple(table["pallas"](spec, *ops, interpret=platform != "cuda"))
   plan = platform_plan if spec.plan == "auto" else spec.plan
   return tuple(table[plan](spec, *ops))
 
@@ -198,19 +218,20 @@ def _cotangent_abstract(*avals, spec):
 
 def _register_lowerings(p, plain, multiple_results: bool) -> None:
   """``plain``'s "xla" plan everywhere, each platform's own where it has one."""
-  def lower(platform_plan):
+  def lower(platform, platform_plan):
     def fn(*ops, spec):
-      out = plain(spec, *ops, platform_plan=platform_plan)
+      out = plain(spec, *ops, platform_plan=platform_plan, platform=platform)
       return out if multiple_results else out[0]
     return mlir.lower_fun(fn, multiple_results=multiple_results)
 
-  mlir.register_lowering(p, lower("xla"))
-  for platform, plan in backends.PLAN_PER_PLATFORM.items():
-    mlir.register_lowering(p, lower(plan), platform=platform)
+  mlir.register_lowering(p, lower("default", "xla"))
+  for platform in dict.fromkeys(("cuda", *backends.PLAN_PER_PLATFORM)):
+    plan = backends.PLAN_PER_PLATFORM.get(platform, "xla")
+    mlir.register_lowering(p, lower(platform, plan), platform=platform)
 
 
 _register_lowerings(forward_p, _forward_plain, multiple_results=True)
-_register_lowerings(tangent_p, lambda spec, *ops, platform_plan: (_tangent_plain(spec, *ops),),
+_register_lowerings(tangent_p, lambda spec, *ops, **_: (_tangent_plain(spec, *ops),),
                     multiple_results=False)
 _register_lowerings(cotangent_p, _cotangent_plain, multiple_results=True)
 

@@ -1,45 +1,49 @@
-"""``implementation="pallas"``: the forward by the kernels of ``pallas_triton.py``.
+"""``implementation="pallas"``: the forward and the backward by Pallas kernels.
 
-What runs where, picked at lowering time (``jax.lax.platform_dependent``),
-like the XLA hints: on CUDA the kernels compile with Triton; on every other
-platform they run in Pallas's interpreter, which is what CI tests (and is
-far too slow for anything else: ``"auto"`` never picks it there).
+The kernels are in ``pallas_triton.py`` (forward) and ``pallas_triton_vjp.py``
+(backward); this module prepares their per-(sample, channel) inputs and
+finishes their per-block partial results in XLA. They are lowered through
+``primitives.py`` like every plan: on CUDA they compile with Triton; on every
+other platform they run in Pallas's interpreter, which is what CI tests (and
+is far too slow for anything else: ``"auto"`` never picks it there).
 
-Two plans, both exact (two-pass or Chan et al.'s combine, never
+The forward, both plans exact (two-pass or Chan et al.'s combine, never
 E[x^2] - E[x]^2):
 
-* a (sample, group) that fits in one block (``ONE_PASS_MAX_ELEMENTS``): one
+* a (sample, group) that fits in one block (``ONE_PASS_MAX_ELEMENTS``), when
+  there are enough of them to fill the GPU (``ONE_PASS_MIN_PROGRAMS``): one
   program per (sample, group) holds it in registers, computes its mean and
   variance in two passes over the registers and writes the output: ``x`` is
-  read once. Groups that small make small tensors, for which the few
-  programs (``N * G``) are not the bottleneck;
+  read once;
 * otherwise: the first kernel reduces each block of rows and channels to a
   mean and a sum of squared deviations per channel, this module combines
   those per (sample, group) with Chan's pairwise formula, and the second
   kernel reads ``x`` once more and writes ``y``: two reads and one write,
-  over as many programs as there are blocks, where XLA's fusion of the same
-  maths takes three reads.
+  over as many programs as there are blocks, whatever the batch.
 
-The derivative is not the kernels': ``forward`` is a ``custom_jvp`` whose
-rule is the XLA maths' own JVP. The first-order rule of ``derivative.py``
-only evaluates ``forward`` (the kernels run) and pairs it with the XLA
-tangent map; only higher orders differentiate ``forward`` itself, through
-the XLA maths, so ``jvp``, ``jacfwd``, ``hessian`` and ``check_grads`` keep
-working.
+The backward (``cotangent``): a kernel sums ``dz`` and ``dz * (x - mean)``
+per block and channel, this module turns those into ``dgamma``, ``dbeta``
+and per-(sample, channel) coefficients, and a second kernel writes ``dx``:
+two reads of ``x`` and the cotangent, one write of ``dx``.
+
+Derivatives of higher order are those of the XLA maths (``primitives.py``),
+so ``jvp``, ``jacfwd``, ``hessian`` and ``check_grads`` keep working.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from gnorm._src import backends
 from gnorm._src import maths
 from gnorm._src.backends import pallas_triton
+from gnorm._src.backends import pallas_triton_vjp
+
+# Below this many (sample, group) pairs the one-pass kernel, one program per
+# pair, would leave most of a GPU idle (an H100 has 132 SMs): the two-kernel
+# plan, one program per block, takes over.
+ONE_PASS_MIN_PROGRAMS = 512
 
 
 def unsupported(cfg: maths.Config, shape: tuple[int, ...], has_mask: bool) -> str | None:
@@ -79,17 +83,20 @@ def kernel_activation(activation):
   return _gelu if activation is maths.ACTIVATIONS["gelu"] else activation
 
 
-def _kernels(cfg: maths.Config, x, gamma, beta, *, interpret: bool):
+def forward(cfg: maths.Config, x, gamma, beta, *, interpret: bool,
+            chosen: pallas_triton.Block | None = None):
+  """Like ``maths.forward``: ``(y, (count, mean, rstd))``, by the kernels
+  (``chosen``: tiles from a sweep, else the heuristic's)."""
   v = maths.view(x.shape, cfg.channel_axis)
   n, c, s = v.shape[0], v.channels, v.spatial_size
-  t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2)
+  t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2, chosen=chosen)
   cdt = maths.compute_dtype(x.dtype)
   xv = x.reshape(v.shape)
   g = cfg.n_groups
   counts = jnp.full((n, g), s * (c // g), cdt)
   act = kernel_activation(cfg.activation)
   gt = pallas_triton.group_tiling(n, s, c, g, channels_last=v.c_pos == 2)
-  if gt is not None:  # a group fits in one block: one read of x
+  if gt is not None and n * g >= ONE_PASS_MIN_PROGRAMS:  # a group fits in one block
     gam = jnp.ones((n, c), cdt) if gamma is None else jnp.broadcast_to(gamma.astype(cdt), (n, c))
     bet = jnp.zeros((n, c), cdt) if beta is None else jnp.broadcast_to(beta.astype(cdt), (n, c))
     y, mean, rstd = pallas_triton.one_pass(xv, gam, bet, gt, cdt, cfg.eps, act,
@@ -117,17 +124,38 @@ def _kernels(cfg: maths.Config, x, gamma, beta, *, interpret: bool):
   return y.reshape(x.shape), (counts, mean, rstd)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def forward(cfg: maths.Config, x, gamma, beta, mask):
-  """Like ``maths.forward``: ``(y, (count, mean, rstd))``, by the kernels."""
-  del mask  # None: ``unsupported`` sends masks to the XLA path
-  return lax.platform_dependent(
-      x, gamma, beta,
-      cuda=functools.partial(_kernels, cfg, interpret=False),
-      default=functools.partial(_kernels, cfg, interpret=True))
+def cotangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, ct, *,
+              interpret: bool, chosen: pallas_triton.Block | None = None):
+  """``(dx, dgamma, dbeta)`` for cotangent ``ct``, by the kernels.
 
-
-@forward.defjvp
-def _forward_jvp(cfg: maths.Config, primals, tangents):
-  # Differentiating the kernels' output: the XLA maths' JVP (same values).
-  return jax.jvp(backends.per_platform(maths.forward, cfg), primals, tangents)
+  The contract of ``xla_gpu_vjp.cotangent``: ``gamma`` and ``beta`` ``None``
+  or ``(1, C)`` / ``(N, C)`` (``beta`` may be a shape-and-dtype stand-in
+  without an activation), parameter cotangents in their shapes and dtypes.
+  """
+  del mask, count  # None: ``unsupported`` sends masks to the XLA path
+  v = maths.view(x.shape, cfg.channel_axis)
+  n, c, s = v.shape[0], v.channels, v.spatial_size
+  g = cfg.n_groups
+  t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2, chosen=chosen)
+  cdt = mean.dtype
+  act = kernel_activation(cfg.activation)
+  count = s * (c // g)
+  mean_c, rstd_c = maths.per_channel(mean, c), maths.per_channel(rstd, c)
+  gam = jnp.ones((1, c), cdt) if gamma is None else gamma.astype(cdt)
+  gam_n = jnp.broadcast_to(gam, (n, c))
+  shift = jnp.zeros((n, c), cdt)
+  if cfg.activation is not None and beta is not None:
+    shift = jnp.broadcast_to(beta.astype(cdt), (n, c))
+  xv, ctv = x.reshape(v.shape), ct.reshape(v.shape)
+  scale = rstd_c * gam_n
+  s_dz, s_dzxc = pallas_triton_vjp.partial_sums(xv, ctv, mean_c, scale, shift, t, cdt, act,
+                                                interpret=interpret)
+  s_dz, s_dzxc = jnp.sum(s_dz, axis=1), jnp.sum(s_dzxc, axis=1)  # (N, C)
+  a1 = maths.group_sum(s_dz * gam_n, g) / count
+  a2 = maths.group_sum(s_dzxc * gam_n, g) * (rstd * rstd) / count
+  q = -rstd_c * maths.per_channel(a1, c)
+  r = -rstd_c * maths.per_channel(a2, c)
+  dx = pallas_triton_vjp.input_grad(xv, ctv, mean_c, scale, shift, scale, q, r, t, cdt, act,
+                                    interpret=interpret)
+  return (dx.reshape(x.shape), maths.affine_cotangent(gamma, s_dzxc * rstd_c),
+          maths.affine_cotangent(beta, s_dz))

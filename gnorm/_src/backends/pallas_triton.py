@@ -25,8 +25,10 @@ interpreter, on any platform: that is how CI tests them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -47,6 +49,15 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
+class Block(NamedTuple):
+  """A tile choice: rows and channels per block (powers of two), Triton warps
+  (0: the heuristic's). From a GPU sweep (``tuning.py``) or forced by one."""
+
+  bs: int
+  bc: int
+  warps: int = 0
+
+
 class Tiling(NamedTuple):
   """How a ``(N, S, C)`` or ``(N, C, S)`` view is cut into blocks."""
 
@@ -56,14 +67,36 @@ class Tiling(NamedTuple):
   bs: int
   bc: int
   channels_last: bool
+  warps: int = 0  # 0: compiler_params' heuristic
 
   @property
   def grid(self) -> tuple[int, int, int]:
     return (self.n, pl.cdiv(self.s, self.bs), pl.cdiv(self.c, self.bc))
 
 
-def tiling(n: int, s: int, c: int, channels_last: bool) -> Tiling:
-  """Power-of-two blocks of at most ``_BLOCK_ELEMENTS`` elements."""
+_forced: list[Block] = []
+
+
+@contextlib.contextmanager
+def forced_block(b: Block) -> Iterator[None]:
+  """While lowering inside it, every block-tiled kernel uses ``b`` (private:
+  the tile sweep of ``benchmarks/pallas_sweep.py``)."""
+  if b.bs & (b.bs - 1) or b.bc & (b.bc - 1) or b.bs < 1 or b.bc < 1:
+    raise ValueError(f"block sizes must be powers of two, got {b}")
+  _forced.append(b)
+  try:
+    yield
+  finally:
+    _forced.pop()
+
+
+def tiling(n: int, s: int, c: int, channels_last: bool, chosen: Block | None = None) -> Tiling:
+  """``chosen`` (or a forced block), else power-of-two blocks of at most
+  ``_BLOCK_ELEMENTS`` elements; never larger than the array needs."""
+  chosen = _forced[-1] if _forced else chosen
+  if chosen is not None:
+    return Tiling(n, s, c, min(chosen.bs, _pow2_at_least(s)), min(chosen.bc, _pow2_at_least(c)),
+                  channels_last, chosen.warps)
   if channels_last:
     bc = min(_pow2_at_least(c), _MAX_BC_LAST)
     bs = min(_pow2_at_least(s), max(1, _BLOCK_ELEMENTS // bc))
@@ -73,7 +106,7 @@ def tiling(n: int, s: int, c: int, channels_last: bool) -> Tiling:
   return Tiling(n, s, c, bs, bc, channels_last)
 
 
-def _block(t: Tiling):
+def block(t: Tiling):
   """This program's ``(rows, channels)``, their validity, and ``x``'s index."""
   n, k, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = k * t.bs + jnp.arange(t.bs)
@@ -89,18 +122,18 @@ def _block(t: Tiling):
   return n, k, cs, col_ok, valid, index
 
 
-def _per_channel(t: Tiling, v: jax.Array) -> jax.Array:
+def per_channel(t: Tiling, v: jax.Array) -> jax.Array:
   """A ``(bc,)`` vector broadcast against a block."""
   return v[None, :] if t.channels_last else v[:, None]
 
 
 def _moments_kernel(x_ref, mean_ref, m2_ref, *, t: Tiling, cdt):
-  n, k, cs, col_ok, valid, index = _block(t)
+  n, k, cs, col_ok, valid, index = block(t)
   x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
   axis = 0 if t.channels_last else 1
   rows = jnp.minimum(t.s - k * t.bs, t.bs).astype(cdt)  # valid rows, >= 1
   mean = jnp.sum(x, axis=axis) / rows
-  xc = jnp.where(valid, x - _per_channel(t, mean), jnp.zeros((), cdt))
+  xc = jnp.where(valid, x - per_channel(t, mean), jnp.zeros((), cdt))
   m2 = jnp.sum(xc * xc, axis=axis)
   plgpu.store(mean_ref.at[n, k, cs], mean, mask=col_ok)
   plgpu.store(m2_ref.at[n, k, cs], m2, mask=col_ok)
@@ -108,12 +141,12 @@ def _moments_kernel(x_ref, mean_ref, m2_ref, *, t: Tiling, cdt):
 
 def _normalise_kernel(x_ref, mean_ref, scale_ref, shift_ref, y_ref, *, t: Tiling, cdt,
                       activation):
-  n, _, cs, col_ok, valid, index = _block(t)
+  n, _, cs, col_ok, valid, index = block(t)
   x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
   mean = plgpu.load(mean_ref.at[n, cs], mask=col_ok, other=0)
   scale = plgpu.load(scale_ref.at[n, cs], mask=col_ok, other=0)
   shift = plgpu.load(shift_ref.at[n, cs], mask=col_ok, other=0)
-  z = (x - _per_channel(t, mean)) * _per_channel(t, scale) + _per_channel(t, shift)
+  z = (x - per_channel(t, mean)) * per_channel(t, scale) + per_channel(t, shift)
   if activation is not None:
     z = activation(z)
   plgpu.store(y_ref.at[index], z.astype(y_ref.dtype), mask=valid)
@@ -189,8 +222,11 @@ def one_pass(xv: jax.Array, gamma, beta, t: GroupTiling, cdt, eps: float,
   )(xv, gamma, beta)
 
 
-def _params(t: Tiling):
-  warps = 4 if t.bs * t.bc <= 4096 else 8
+def compiler_params(t: Tiling, inputs: int = 1):
+  """Triton's settings for a kernel over ``t``'s blocks reading ``inputs``
+  full-size arrays: 8 warps for blocks of more than 4096 elements per input
+  array (a heuristic; a GPU sweep replaces it: ``benchmarks/pallas_sweep.py``)."""
+  warps = t.warps or (4 if t.bs * t.bc * inputs <= 4096 else 8)
   return plgpu.CompilerParams(num_warps=warps, num_stages=1)
 
 
@@ -206,7 +242,7 @@ def partial_moments(xv: jax.Array, t: Tiling, cdt, *, interpret: bool):
       functools.partial(_moments_kernel, t=t, cdt=cdt),
       out_shape=(out, out),
       grid=t.grid,
-      compiler_params=_params(t),
+      compiler_params=compiler_params(t),
       interpret=interpret,
       name="gnorm_partial_moments",
   )(xv)
@@ -222,7 +258,7 @@ def normalise(xv: jax.Array, mean_c, scale_c, shift_c, t: Tiling, cdt,
       functools.partial(_normalise_kernel, t=t, cdt=cdt, activation=activation),
       out_shape=jax.ShapeDtypeStruct(xv.shape, xv.dtype),
       grid=t.grid,
-      compiler_params=_params(t),
+      compiler_params=compiler_params(t),
       interpret=interpret,
       name="gnorm_normalise",
   )(xv, mean_c, scale_c, shift_c)

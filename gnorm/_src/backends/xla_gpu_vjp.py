@@ -85,14 +85,5 @@ def cotangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, ct):
   dx = xla_gpu.bc(rstd_c) * (dz * xla_gpu.bc(gam) - xla_gpu.bc(maths.per_channel(a1, c))
                              - xc * xla_gpu.bc(maths.per_channel(a2, c)))
   dx = maths.masked(m6, dx).astype(x.dtype).reshape(x.shape)
-  return dx, _affine(gamma, s_dzxc * rstd_c), _affine(beta, s_dz)
-
-
-def _affine(p, per_sample):
-  """An affine parameter's cotangent from its per-(sample, channel) value:
-  summed over the batch for a per-channel ``(1, C)`` parameter."""
-  if p is None:
-    return None
-  if p.shape[0] == 1:
-    per_sample = jnp.sum(per_sample, axis=0, keepdims=True)
-  return per_sample.astype(p.dtype)
+  return (dx, maths.affine_cotangent(gamma, s_dzxc * rstd_c),
+          maths.affine_cotangent(beta, s_dz))
