@@ -300,6 +300,35 @@ def test_vmap_of_gradients_folds_the_batch(activation, per_sample, with_mask, n)
       np.testing.assert_allclose(v[i], u, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_vmap_with_batched_parameters(activation):
+  # Parameters batched with x (flax's nn.vmap over params), or tangents of
+  # parameters batched while the parameters are not: the folded primitives
+  # keep a parameter and its (co)tangent the same shape.
+  x, gamma, beta = _data((3, 2, 5, 16), seed=13)
+  gammas = 1 + 0.1 * np.random.default_rng(13).normal(size=(3, 16)).astype(np.float32)
+  betas = 0.1 * np.random.default_rng(14).normal(size=(3, 16)).astype(np.float32)
+
+  def f(g, b, x):
+    return jnp.sum(jnp.sin(gnorm.group_norm({"gamma": g, "beta": b}, x, 4,
+                                            activation=activation)))
+
+  batched = _gpu(jax.vmap(jax.grad(f, argnums=(0, 1, 2))))(gammas, betas, x)
+  for i in range(3):
+    one = _gpu(jax.grad(f, argnums=(0, 1, 2)))(gammas[i], betas[i], x[i])
+    for u, v in zip(one, batched, strict=True):
+      np.testing.assert_allclose(v[i], u, rtol=2e-5, atol=2e-5)
+  grad_of_vmap = _gpu(jax.grad(lambda g, b, x: jnp.sum(jax.vmap(f)(g, b, x)),
+                               argnums=(0, 1)))(gammas, betas, x)
+  np.testing.assert_allclose(grad_of_vmap[0], batched[0], rtol=2e-5, atol=2e-5)
+  # Forward mode, a batch of parameter tangents at one parameter value.
+  tg = np.random.default_rng(15).normal(size=(3, 16)).astype(np.float32)
+  jvps = _gpu(jax.vmap(lambda x, t: jax.jvp(lambda g: f(g, beta, x), (gamma,), (t,))[1]))(x, tg)
+  for i in range(3):
+    one = _gpu(lambda x, t: jax.jvp(lambda g: f(g, beta, x), (gamma,), (t,))[1])(x[i], tg[i])
+    np.testing.assert_allclose(jvps[i], one, rtol=2e-5, atol=2e-5)
+
+
 def test_vmap_over_tangents_or_cotangents_only():
   # jacfwd batches the tangents only, jacrev the cotangents only: the
   # primitives then vmap their plain maps. Compared with the default path.

@@ -313,13 +313,27 @@ def _batch(p, plain, args, dims, *, spec):
   m = 1 + spec.has_gamma + spec.has_beta  # the mask's index, when present
   n_res = m + spec.has_mask + spec.has_count + 2
   shared = {m} if spec.has_mask else set()
-  if p is not cotangent_p:  # gamma, beta and (tangent_p) their tangents, after tx
-    shared |= set(range(1, m)) | set(range(n_res + 1, len(args)))
+  if p is forward_p:
+    shared |= set(range(1, m))  # gamma, beta
+  elif p is tangent_p:
+    # A parameter and its tangent stay common to all samples only if neither
+    # is batched: their shapes must agree, for the transpose's sake.
+    tangents = iter(range(n_res + 1, len(args)))
+    pairs = [(1 if spec.has_gamma else None, next(tangents) if spec.has_gamma else None),
+             (m - 1 if spec.has_beta else None,
+              next(tangents) if spec.beta_aval is not None else None)]
+    for param, tan in pairs:
+      if tan is not None and dims[tan] is None and (param is None or dims[param] is None):
+        shared |= {tan} | ({param} if param is not None else set())
+      elif tan is None and param is not None and dims[param] is None:
+        shared.add(param)
   folded = [_fold(a, d, size, n, share=i in shared)
             for i, (a, d) in enumerate(zip(args, dims, strict=True))]
   folded_spec = spec
-  if p is cotangent_p and spec.beta_aval is not None:  # beta's cotangent: per sample too
-    folded_spec = spec._replace(beta_aval=((size * n, spec.beta_aval[0][1]), spec.beta_aval[1]))
+  if spec.beta_aval is not None and p is not forward_p:
+    # beta's (co)tangent has the folded shape: per sample, unless shared.
+    samples = folded[-1].shape[0] if p is tangent_p else size * n
+    folded_spec = spec._replace(beta_aval=((samples, spec.beta_aval[0][1]), spec.beta_aval[1]))
   out = p.bind(*folded, spec=folded_spec)
   if p is tangent_p:
     return out.reshape(size, n, *out.shape[1:]), 0

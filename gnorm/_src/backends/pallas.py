@@ -97,31 +97,25 @@ def forward(cfg: maths.Config, x, gamma, beta, *, interpret: bool,
   act = kernel_activation(cfg.activation)
   gt = pallas_triton.group_tiling(n, s, c, g, channels_last=v.c_pos == 2)
   if gt is not None and n * g >= ONE_PASS_MIN_PROGRAMS:  # a group fits in one block
-    gam = jnp.ones((n, c), cdt) if gamma is None else jnp.broadcast_to(gamma.astype(cdt), (n, c))
-    bet = jnp.zeros((n, c), cdt) if beta is None else jnp.broadcast_to(beta.astype(cdt), (n, c))
+    gam, bet = _affine(gamma, beta, c, cdt)
     y, mean, rstd = pallas_triton.one_pass(xv, gam, bet, gt, cdt, cfg.eps, act,
                                            interpret=interpret)
     return y.reshape(x.shape), (counts, mean, rstd)
 
   block_mean, block_m2 = pallas_triton.partial_moments(xv, t, cdt, interpret=interpret)
-
-  # Chan's combine of the blocks' (rows, mean, M2) within each group.
-  cg, k = c // g, t.grid[1]
-  rows = np.minimum(t.bs, s - t.bs * np.arange(k)).reshape(1, k, 1, 1)
-  count = s * cg
-  block_mean = block_mean.reshape(n, k, g, cg)
-  w = jnp.asarray(rows, cdt)
-  mean = jnp.sum(w * block_mean, axis=(1, 3)) / count
-  dev = block_mean - mean[:, None, :, None]
-  m2 = jnp.sum(block_m2.reshape(n, k, g, cg), axis=(1, 3)) + jnp.sum(w * dev * dev, axis=(1, 3))
-  rstd = maths.rstd_of(m2 / count, None, cfg)
-
-  rstd_c = maths.per_channel(rstd, c)
-  scale = rstd_c if gamma is None else rstd_c * gamma.astype(cdt)
-  shift = jnp.zeros((n, c), cdt) if beta is None else jnp.broadcast_to(beta.astype(cdt), (n, c))
-  y = pallas_triton.normalise(xv, maths.per_channel(mean, c), scale, shift, t, cdt, act,
-                              interpret=interpret)
+  mean, rstd = pallas_triton.finish(block_mean, block_m2, t, g, cdt, cfg.eps,
+                                    interpret=interpret)
+  gam, bet = _affine(gamma, beta, c, cdt)
+  y = pallas_triton.normalise(xv, mean, rstd, gam, bet, t, cdt, act, interpret=interpret)
   return y.reshape(x.shape), (counts, mean, rstd)
+
+
+def _affine(gamma, beta, c: int, cdt):
+  """gamma and beta as the kernels read them: ``(1, C)`` or ``(N, C)`` in
+  ``cdt``, ones and zeros where absent (constants: no kernel makes them)."""
+  gamma = jnp.ones((1, c), cdt) if gamma is None else gamma.astype(cdt)
+  beta = jnp.zeros((1, c), cdt) if beta is None else beta.astype(cdt)
+  return gamma, beta
 
 
 def cotangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, ct, *,
@@ -135,27 +129,13 @@ def cotangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, ct, *,
   del mask, count  # None: ``unsupported`` sends masks to the XLA path
   v = maths.view(x.shape, cfg.channel_axis)
   n, c, s = v.shape[0], v.channels, v.spatial_size
-  g = cfg.n_groups
   t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2, chosen=chosen)
   cdt = mean.dtype
-  act = kernel_activation(cfg.activation)
-  count = s * (c // g)
-  mean_c, rstd_c = maths.per_channel(mean, c), maths.per_channel(rstd, c)
-  gam = jnp.ones((1, c), cdt) if gamma is None else gamma.astype(cdt)
-  gam_n = jnp.broadcast_to(gam, (n, c))
-  shift = jnp.zeros((n, c), cdt)
-  if cfg.activation is not None and beta is not None:
-    shift = jnp.broadcast_to(beta.astype(cdt), (n, c))
-  xv, ctv = x.reshape(v.shape), ct.reshape(v.shape)
-  scale = rstd_c * gam_n
-  s_dz, s_dzxc = pallas_triton_vjp.partial_sums(xv, ctv, mean_c, scale, shift, t, cdt, act,
-                                                interpret=interpret)
-  s_dz, s_dzxc = jnp.sum(s_dz, axis=1), jnp.sum(s_dzxc, axis=1)  # (N, C)
-  a1 = maths.group_sum(s_dz * gam_n, g) / count
-  a2 = maths.group_sum(s_dzxc * gam_n, g) * (rstd * rstd) / count
-  q = -rstd_c * maths.per_channel(a1, c)
-  r = -rstd_c * maths.per_channel(a2, c)
-  dx = pallas_triton_vjp.input_grad(xv, ctv, mean_c, scale, shift, scale, q, r, t, cdt, act,
-                                    interpret=interpret)
-  return (dx.reshape(x.shape), maths.affine_cotangent(gamma, s_dzxc * rstd_c),
-          maths.affine_cotangent(beta, s_dz))
+  # beta matters only through the activation (it may be a stand-in without one).
+  has_beta = beta is not None and cfg.activation is not None
+  gam, bet = _affine(gamma, beta if has_beta else None, c, cdt)
+  dx, dgamma, dbeta = pallas_triton_vjp.backward(
+      x.reshape(v.shape), ct.reshape(v.shape), mean, rstd, gam, bet, t, cdt,
+      kernel_activation(cfg.activation), interpret=interpret)
+  return (dx.reshape(x.shape), maths.affine_cotangent(gamma, dgamma),
+          maths.affine_cotangent(beta, dbeta))

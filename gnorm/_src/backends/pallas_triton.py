@@ -38,6 +38,8 @@ from jax.experimental.pallas import triton as plgpu
 
 # Elements per block: 8192 keeps a float32 block in registers with 4-8 warps.
 _BLOCK_ELEMENTS = 8192
+# Partials the combining kernels hold at once (they loop over the rest).
+FINISH_BLOCK_ELEMENTS = 4096
 # Channels per block when channels are last (contiguous): 128 float32 = 512 B
 # per row, whole memory transactions.
 _MAX_BC_LAST = 128
@@ -127,6 +129,24 @@ def per_channel(t: Tiling, v: jax.Array) -> jax.Array:
   return v[None, :] if t.channels_last else v[:, None]
 
 
+def columns(t: Tiling) -> jax.Array:
+  """This program's channel indices (past ``C`` in a tail block)."""
+  return pl.program_id(2) * t.bc + jnp.arange(t.bc)
+
+
+def by_group(ref, n, cols, col_ok, cg: int) -> jax.Array:
+  """``ref[n, c // cg]`` for the block's channels: a per-(sample, group)
+  value gathered per channel, so that no per-channel copy is ever made."""
+  return plgpu.load(ref.at[n, cols // cg], mask=col_ok, other=0)
+
+
+def parameter(ref, n, cs, col_ok) -> jax.Array:
+  """A ``(1, C)`` or ``(N, C)`` parameter's values for the block's channels
+  (row ``n`` of a per-sample one, row 0 of a per-channel one)."""
+  row = n if ref.shape[0] > 1 else n * 0  # a traced 0: a literal breaks the interpreter
+  return plgpu.load(ref.at[row, cs], mask=col_ok, other=0)
+
+
 def _moments_kernel(x_ref, mean_ref, m2_ref, *, t: Tiling, cdt):
   n, k, cs, col_ok, valid, index = block(t)
   x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
@@ -139,13 +159,63 @@ def _moments_kernel(x_ref, mean_ref, m2_ref, *, t: Tiling, cdt):
   plgpu.store(m2_ref.at[n, k, cs], m2, mask=col_ok)
 
 
-def _normalise_kernel(x_ref, mean_ref, scale_ref, shift_ref, y_ref, *, t: Tiling, cdt,
-                      activation):
+def over_blocks(t: Tiling, cg: int, body, init):
+  """``fori_loop`` over the row blocks of one (sample, group)'s partials,
+  ``KB`` at a time: ``body(ds, ks, ok, cs, carry)`` gets the slice of row
+  blocks ``ds``, their indices ``ks`` ``(KB,)``, the validity ``ok``
+  ``(KB, CGP)`` and the slice of the group's channels ``cs``."""
+  g = pl.program_id(1)
+  k_total = t.grid[1]
+  cgp = _pow2_at_least(cg)
+  kb = min(_pow2_at_least(k_total), max(1, FINISH_BLOCK_ELEMENTS // cgp))
+  cs = pl.ds(g * cg, cgp)
+  col_ok = jnp.arange(cgp) < cg
+
+  def step(i, carry):
+    ks = i * kb + jnp.arange(kb)
+    ok = (ks < k_total)[:, None] & col_ok[None, :]
+    return body(pl.ds(i * kb, kb), ks, ok, cs, carry)
+
+  return jax.lax.fori_loop(0, pl.cdiv(k_total, kb), step, init)
+
+
+def _finish_kernel(mean_ref, m2_ref, out_mean_ref, out_rstd_ref, *, t: Tiling, cg: int,
+                   eps: float, cdt):
+  """Chan et al.'s combine of a (sample, group)'s block partials, two passes
+  over them: the mean, then the blocks' M2 plus their means' spread."""
+  n, g = pl.program_id(0), pl.program_id(1)
+  count = t.s * cg
+
+  def rows(ks):  # valid rows of each block, 0 past the last
+    return jnp.where(ks < t.grid[1], jnp.minimum(t.bs, t.s - ks * t.bs), 0).astype(cdt)
+
+  def total(ds, ks, ok, cs, acc):
+    bm = plgpu.load(mean_ref.at[n, ds, cs], mask=ok, other=0)
+    return acc + jnp.sum(rows(ks)[:, None] * bm)
+
+  mean = over_blocks(t, cg, total, jnp.zeros((), cdt)) / count
+
+  def m2(ds, ks, ok, cs, acc):
+    bm = plgpu.load(mean_ref.at[n, ds, cs], mask=ok, other=0)
+    dev = jnp.where(ok, bm - mean, jnp.zeros((), cdt))
+    bm2 = plgpu.load(m2_ref.at[n, ds, cs], mask=ok, other=0)
+    return acc + jnp.sum(bm2) + jnp.sum(rows(ks)[:, None] * dev * dev)
+
+  var_eps = over_blocks(t, cg, m2, jnp.zeros((), cdt)) / count + eps
+  # As maths.rstd_of: a group with var + eps = 0 (eps=0, constant) gets 0.
+  out_mean_ref[n, g] = mean
+  out_rstd_ref[n, g] = jnp.where(var_eps > 0, jax.lax.rsqrt(jnp.where(var_eps > 0, var_eps, 1)),
+                                 0)
+
+
+def _normalise_kernel(x_ref, mean_ref, rstd_ref, gamma_ref, beta_ref, y_ref, *, t: Tiling, cdt,
+                      cg: int, activation):
   n, _, cs, col_ok, valid, index = block(t)
   x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
-  mean = plgpu.load(mean_ref.at[n, cs], mask=col_ok, other=0)
-  scale = plgpu.load(scale_ref.at[n, cs], mask=col_ok, other=0)
-  shift = plgpu.load(shift_ref.at[n, cs], mask=col_ok, other=0)
+  cols = columns(t)
+  mean = by_group(mean_ref, n, cols, col_ok, cg)
+  scale = by_group(rstd_ref, n, cols, col_ok, cg) * parameter(gamma_ref, n, cs, col_ok)
+  shift = parameter(beta_ref, n, cs, col_ok)
   z = (x - per_channel(t, mean)) * per_channel(t, scale) + per_channel(t, shift)
   if activation is not None:
     z = activation(z)
@@ -197,8 +267,8 @@ def _one_pass_kernel(x_ref, gamma_ref, beta_ref, y_ref, mean_ref, rstd_ref, *, t
   var_eps = jnp.sum(xc * xc) / count + eps
   # As maths.rstd_of: a group with var + eps = 0 (eps=0, constant) gets 0.
   rstd = jnp.where(var_eps > 0, jax.lax.rsqrt(jnp.where(var_eps > 0, var_eps, 1)), 0)
-  gamma = plgpu.load(gamma_ref.at[n, cs], mask=col_ok, other=0)
-  beta = plgpu.load(beta_ref.at[n, cs], mask=col_ok, other=0)
+  gamma = parameter(gamma_ref, n, cs, col_ok)
+  beta = parameter(beta_ref, n, cs, col_ok)
   z = xc * per_channel(rstd * gamma) + per_channel(beta)
   if activation is not None:
     z = activation(z)
@@ -209,7 +279,7 @@ def _one_pass_kernel(x_ref, gamma_ref, beta_ref, y_ref, mean_ref, rstd_ref, *, t
 
 def one_pass(xv: jax.Array, gamma, beta, t: GroupTiling, cdt, eps: float,
              activation: Callable[[jax.Array], jax.Array] | None, *, interpret: bool):
-  """``(y, mean, rstd)`` with ``x`` read once; ``gamma``/``beta`` are ``(N, C)``."""
+  """``(y, mean, rstd)`` with ``x`` read once; ``gamma``/``beta`` are ``(1, C)`` or ``(N, C)``."""
   stat = jax.ShapeDtypeStruct((t.n, t.groups), cdt)
   warps = 4 if t.bs * t.bg <= 2048 else 8
   return pl.pallas_call(
@@ -248,17 +318,33 @@ def partial_moments(xv: jax.Array, t: Tiling, cdt, *, interpret: bool):
   )(xv)
 
 
-def normalise(xv: jax.Array, mean_c, scale_c, shift_c, t: Tiling, cdt,
-              activation: Callable[[jax.Array], jax.Array] | None, *, interpret: bool):
-  """``act((x - mean_c) * scale_c + shift_c)`` in ``x``'s dtype and view.
+def finish(block_mean, block_m2, t: Tiling, groups: int, cdt, eps: float, *, interpret: bool):
+  """``(mean, rstd)`` per (sample, group), ``(N, G)`` in ``cdt``, from the
+  partial moments: one small program per (sample, group)."""
+  stat = jax.ShapeDtypeStruct((t.n, groups), cdt)
+  return pl.pallas_call(
+      functools.partial(_finish_kernel, t=t, cg=t.c // groups, eps=eps, cdt=cdt),
+      out_shape=(stat, stat),
+      grid=(t.n, groups),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="gnorm_finish_moments",
+  )(block_mean, block_m2)
 
-  ``mean_c``, ``scale_c`` and ``shift_c`` are ``(N, C)`` in ``cdt``.
+
+def normalise(xv: jax.Array, mean, rstd, gamma, beta, t: Tiling, cdt,
+              activation: Callable[[jax.Array], jax.Array] | None, *, interpret: bool):
+  """``act((x - mean) * rstd * gamma + beta)`` in ``x``'s dtype and view.
+
+  ``mean`` and ``rstd`` are ``(N, G)``; ``gamma`` and ``beta`` ``(1, C)`` or
+  ``(N, C)``, all in ``cdt``.
   """
   return pl.pallas_call(
-      functools.partial(_normalise_kernel, t=t, cdt=cdt, activation=activation),
+      functools.partial(_normalise_kernel, t=t, cdt=cdt, cg=t.c // mean.shape[1],
+                        activation=activation),
       out_shape=jax.ShapeDtypeStruct(xv.shape, xv.dtype),
       grid=t.grid,
       compiler_params=compiler_params(t),
       interpret=interpret,
       name="gnorm_normalise",
-  )(xv, mean_c, scale_c, shift_c)
+  )(xv, mean, rstd, gamma, beta)
