@@ -131,11 +131,19 @@ def cotangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, ct, *,
   n, c, s = v.shape[0], v.channels, v.spatial_size
   t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2, chosen=chosen)
   cdt = mean.dtype
-  # beta matters only through the activation (it may be a stand-in without one).
-  has_beta = beta is not None and cfg.activation is not None
-  gam, bet = _affine(gamma, beta if has_beta else None, c, cdt)
-  dx, dgamma, dbeta = pallas_triton_vjp.backward(
+  # beta matters only through the activation (without one it may be a
+  # shape-and-dtype stand-in, and the kernels do not read it).
+  gam, bet = _affine(gamma, beta if cfg.activation is not None else None, c, cdt)
+  if cfg.activation is None:
+    bet = gam  # any (1, C) array: no zeros to make for nothing
+  dx, dparams = pallas_triton_vjp.backward(
       x.reshape(v.shape), ct.reshape(v.shape), mean, rstd, gam, bet, t, cdt,
       kernel_activation(cfg.activation), interpret=interpret)
-  return (dx.reshape(x.shape), maths.affine_cotangent(gamma, dgamma),
-          maths.affine_cotangent(beta, dbeta))
+  summed = jnp.sum(dparams, axis=1, keepdims=True)  # both over the batch: one reduction
+
+  def of(p, i: int):
+    if p is None:
+      return None
+    return (summed[i] if p.shape[0] == 1 else dparams[i]).astype(p.dtype)
+
+  return dx.reshape(x.shape), of(gamma, 0), of(beta, 1)

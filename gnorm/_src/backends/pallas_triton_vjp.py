@@ -74,8 +74,8 @@ def _sums_kernel(x_ref, ct_ref, mean_ref, rstd_ref, gamma_ref, beta_ref, s_dz_re
   plgpu.store(s_dzxc_ref.at[n, k, cs], jnp.sum(dz * xc, axis=axis), mask=col_ok)
 
 
-def _finish_kernel(s_dz_ref, s_dzxc_ref, rstd_ref, gamma_ref, dgamma_ref, dbeta_ref, q_ref,
-                   r_ref, *, t: Tiling, cg: int, cdt):
+def _finish_kernel(s_dz_ref, s_dzxc_ref, rstd_ref, gamma_ref, dparams_ref, q_ref, r_ref, *,
+                   t: Tiling, cg: int, cdt):
   n, g = pl.program_id(0), pl.program_id(1)
 
   def add(ds, ks, ok, cs, acc):
@@ -92,8 +92,8 @@ def _finish_kernel(s_dz_ref, s_dzxc_ref, rstd_ref, gamma_ref, dgamma_ref, dbeta_
   rstd = rstd_ref[n, g]
   gamma = parameter(gamma_ref, n, cs, col_ok)
   count = t.s * cg
-  plgpu.store(dbeta_ref.at[n, cs], s_dz, mask=col_ok)
-  plgpu.store(dgamma_ref.at[n, cs], s_dzxc * rstd, mask=col_ok)
+  plgpu.store(dparams_ref.at[n * 0, n, cs], s_dzxc * rstd, mask=col_ok)  # dgamma
+  plgpu.store(dparams_ref.at[n * 0 + 1, n, cs], s_dz, mask=col_ok)  # dbeta
   q_ref[n, g] = -rstd * jnp.sum(gamma * s_dz) / count
   r_ref[n, g] = -(rstd * rstd * rstd) * jnp.sum(gamma * s_dzxc) / count
 
@@ -111,8 +111,10 @@ def _input_grad_kernel(x_ref, ct_ref, mean_ref, rstd_ref, gamma_ref, beta_ref, q
 
 def backward(xv, ctv, mean, rstd, gamma, beta, t: Tiling, cdt,
              activation: Callable[[jax.Array], jax.Array] | None, *, interpret: bool):
-  """``(dx, dgamma, dbeta)``: ``dx`` in ``x``'s dtype and view, the parameters'
-  cotangents per sample and channel, ``(N, C)`` in ``cdt``.
+  """``(dx, dparams)``: ``dx`` in ``x``'s dtype and view, and the parameters'
+  cotangents per sample and channel, ``dgamma`` and ``dbeta`` stacked in one
+  ``(2, N, C)`` array in ``cdt`` (one array, so that summing both over the
+  batch is one small reduction).
 
   ``mean`` and ``rstd`` are ``(N, G)``, ``gamma`` and ``beta`` ``(1, C)`` or
   ``(N, C)`` in ``cdt`` (``beta`` is read only under an activation).
@@ -120,7 +122,7 @@ def backward(xv, ctv, mean, rstd, gamma, beta, t: Tiling, cdt,
   groups = mean.shape[1]
   cg = t.c // groups
   stat = jax.ShapeDtypeStruct((t.n, groups), cdt)
-  per_c = jax.ShapeDtypeStruct((t.n, t.c), cdt)
+  per_c = jax.ShapeDtypeStruct((2, t.n, t.c), cdt)
   partial = jax.ShapeDtypeStruct((t.n, t.grid[1], t.c), cdt)
   s_dz, s_dzxc = pl.pallas_call(
       functools.partial(_sums_kernel, t=t, cdt=cdt, cg=cg, activation=activation),
@@ -130,9 +132,9 @@ def backward(xv, ctv, mean, rstd, gamma, beta, t: Tiling, cdt,
       interpret=interpret,
       name="gnorm_bwd_partial_sums",
   )(xv, ctv, mean, rstd, gamma, beta)
-  dgamma, dbeta, q, r = pl.pallas_call(
+  dparams, q, r = pl.pallas_call(
       functools.partial(_finish_kernel, t=t, cg=cg, cdt=cdt),
-      out_shape=(per_c, per_c, stat, stat),
+      out_shape=(per_c, stat, stat),
       grid=(t.n, groups),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
@@ -146,4 +148,4 @@ def backward(xv, ctv, mean, rstd, gamma, beta, t: Tiling, cdt,
       interpret=interpret,
       name="gnorm_bwd_input_grad",
   )(xv, ctv, mean, rstd, gamma, beta, q, r)
-  return dx, dgamma, dbeta
+  return dx, dparams
