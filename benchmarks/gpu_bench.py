@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -62,18 +61,6 @@ def _parser() -> argparse.ArgumentParser:
                  help="print every target from DIR/gpu_bench.json and DIR/drop_in.json, run"
                  " nothing")
   return p
-
-
-def _git() -> str:
-  try:
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
-                            "--untracked-files=no"], capture_output=True, text=True,
-                           timeout=10).stdout.strip()
-  except Exception as e:  # noqa: BLE001 - a copy of the tree without .git, or no git
-    return f"unknown ({type(e).__name__})"
-  return head + (" with uncommitted changes" if dirty else "")
 
 
 def _json_default(o):
@@ -134,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
   torch_dev = "cuda" if set(impls) & set(TORCH_IMPLS) else None
   info = machine.machine_info(machine.threads(), torch_dev)
-  info["git"] = _git()
+  info["git"] = machine.git_revision(ROOT)
   for dist in ("triton", "optax"):
     info["versions"][dist] = machine.optional(dist) and getattr(
       machine.optional(dist), "__version__", None)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gnorm on one CUDA GPU, in one go (issues 19 and 20): the GPU tests, the accuracy table,
-# the structure of XLA's GPU programs, the device-time benchmark, the drop-in model
-# benchmark, and every target. Under 6 minutes on an H200 from a bare machine.
+# the structure of XLA's GPU programs, the Pallas kernels' tile sweep, the device-time
+# benchmark, the drop-in model benchmark, and every target. Under 6 minutes on an H200 from
+# a bare machine.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else gpu_check_out/
 #
@@ -15,26 +16,31 @@
 #   3. XLA's GPU programs (benchmarks/xla_gpu_plan.py), limit 150 s, run in the
 #      background beside steps 1 and 2 (it only compiles; after them, limit 90 s, where
 #      the GPU's compute mode is not Default)
-#   4. device-time benchmark (benchmarks/gpu_bench.py), its budget what the total leaves
+#   4. Pallas tile sweep (benchmarks/pallas_sweep.py), budget 60 s, limit 100 s
+#   5. device-time benchmark (benchmarks/gpu_bench.py), its budget what the total leaves
 #      (at most 150 s), limit budget + 45 s
-#   5. drop-in model benchmark (benchmarks/drop_in.py), limit 60 s
-#   6. every target of issues 19 and 20 (gpu_bench.py --summarize), limit 30 s
-# Writes at most 8 files, all directly in OUT_DIR:
+#   6. drop-in model benchmark (benchmarks/drop_in.py), limit 60 s
+#   7. every target of issues 19 and 20 (gpu_bench.py --summarize), limit 30 s
+# Writes at most 8 files (what the device machine returns), all directly in OUT_DIR:
 #   summary.txt    versions, devices, nvidia-smi, each step's status, time and last lines,
-#                  the accuracy table, the targets
+#                  the accuracy table, the sweep's decisions, the targets
 #   pytest.log     the tests
-#   steps.log      the full output of steps 3-5
+#   steps.log      the full output of steps 3-6, with xla_gpu_plan.md and pallas_sweep.md
 #   gpu_bench.md, gpu_bench.json   the device-time benchmark
 #   drop_in.json   drop_in.py's latest.json
-#   xla_gpu_plan.md, xla_gpu_plan.json   xla_gpu_plan.py's report
+#   xla_gpu_plan.json   xla_gpu_plan.py's results (its report is in steps.log)
+#   tuning_table.json   the sweep's candidate table (commit it with
+#                  `python benchmarks/pallas_sweep.py --install OUT_DIR/tuning_table.json`)
 # Exits non-zero at once if JAX sees no GPU, and at the end if any step failed (a failing
 # step does not stop the later ones: one GPU session gets them all).
 #
 # GNORM_GPU_CHECK_DRY_RUN=1 runs every step on the CPU with tiny settings
 # (tests/test_benchmark.py does, so that the script cannot rot).
 # GNORM_GPU_CHECK_TESTS: pytest's arguments instead of the default files;
-# GNORM_GPU_CHECK_TOTAL_S: the seconds the whole check aims at (default 345); PYTHON: the
-# interpreter.
+# GNORM_GPU_CHECK_TOTAL_S: the seconds the whole check aims at (default 345);
+# GNORM_GPU_CHECK_SWEEP_S: the tile sweep's budget (default 60); GNORM_GIT_REVISION: the
+# commit, where the tree was copied without .git (the sweep's table and the benchmark's
+# report record it); PYTHON: the interpreter.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -45,6 +51,7 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 PY="${PYTHON:-python3}"
 DRY="${GNORM_GPU_CHECK_DRY_RUN:-0}"
 TOTAL_S="${GNORM_GPU_CHECK_TOTAL_S:-345}"
+SWEEP_S="${GNORM_GPU_CHECK_SWEEP_S:-60}"
 export PYTHONPATH="$ROOT:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 # Reproducible property tests (tests/conftest.py loads hypothesis' "ci" profile).
 export CI="${CI:-1}"
@@ -59,21 +66,24 @@ if [[ "$DRY" == 1 ]]; then
   TESTS=(tests/test_group_norm.py -k "float32_matches_reference_on_standard_normal and 12")
   BENCH=(--quick)
   PLAN=(--quick)
+  SWEEP=(--quick)
   DROP_IN=(--quick)
 else
   export JAX_PLATFORMS=cuda
   # The numerical tests, most important first (the deadline cuts the last ones): the
-  # default path (on a GPU, the GPU's own plan), that plan's own tests (masks, outliers at
-  # its shifts, options), padding masks, the fused options, then the Pallas kernels
-  # (Triton on the GPU). Left out: second-order derivative checks, hessians, derivative
+  # default path (on a GPU, the GPU's own plan), the Pallas kernels (Triton on the GPU:
+  # forward, backward against float64, determinism), padding masks (the GPU plan's
+  # two-pass form), the GPU plan's own tests (outliers at its shifts, options), then the
+  # fused options. Left out: second-order derivative checks, hessians, derivative
   # comparisons and property tests (many compilations each; the derivatives of order two
   # are plain JAX on every platform), and the files that check CPU-compiled programs,
   # simulated CPU devices or the API. 239 tests of 4 of these files took 170 s on an H200.
-  TESTS=(tests/test_group_norm.py tests/test_gpu_plan.py tests/test_padding.py
-         tests/test_features.py tests/test_pallas.py
+  TESTS=(tests/test_group_norm.py tests/test_pallas.py tests/test_padding.py
+         tests/test_gpu_plan.py tests/test_features.py
          -k "not second_order and not hessian and not property and not derivatives_match")
   BENCH=()  # (empty arrays are expanded as ${A[@]+"${A[@]}"}: bash < 4.4 and set -u)
   PLAN=()
+  SWEEP=()
   # The default model (3 blocks, width 128, (4, 32, 32, 128)), fewer and shorter rounds.
   DROP_IN=(--rounds 15 --sample-ms 40)
 fi
@@ -88,7 +98,7 @@ FAILED=()
 TIMES=()
 
 say "# gnorm GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), dry run: $DRY"
-say "repository: $ROOT ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'no git')), out: $OUT_DIR"
+say "repository: $ROOT ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "no git; GNORM_GIT_REVISION=${GNORM_GIT_REVISION:-unset}")), out: $OUT_DIR"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi 2>&1 | tee -a "$SUMMARY" || say "nvidia-smi failed"
 else
@@ -126,6 +136,9 @@ then
 fi
 
 : >"$STEPS_LOG"
+# Earlier versions of this script wrote xla_gpu_plan.md here (now in steps.log): a stale
+# copy would count against the 8 files.
+rm -f "$OUT_DIR/xla_gpu_plan.md"
 
 # step NAME LOG LIMIT_S COMMAND...: runs COMMAND, killed after LIMIT_S seconds (a hang
 # must not eat the GPU session: the later steps still run). LOG is the summary, or a log
@@ -170,7 +183,9 @@ record() {
 # two of compiling costs the check no time of its own. Not where the GPU takes one
 # process at a time (a compute mode other than Default): then after step 2.
 PLAN_NAME="XLA's GPU programs (benchmarks/xla_gpu_plan.py)"
-PLAN_CMD=("$PY" benchmarks/xla_gpu_plan.py ${PLAN[@]+"${PLAN[@]}"} --out "$OUT_DIR")
+# Its report goes into steps.log, its json into OUT_DIR (fold, below): 8 files at most.
+mkdir -p "$WORK/plan"
+PLAN_CMD=("$PY" benchmarks/xla_gpu_plan.py ${PLAN[@]+"${PLAN[@]}"} --out "$WORK/plan")
 MODE="$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1 || true)"
 PLAN_PID=""
 if [[ "$DRY" == 1 || "$MODE" == "Default" ]]; then
@@ -207,10 +222,31 @@ if [[ -n "$PLAN_PID" ]]; then
 else
   step "$PLAN_NAME" "$STEPS_LOG" 90 "${PLAN_CMD[@]}"
 fi
+# fold REPORT: a step's markdown report appended to steps.log.
+fold() {
+  if [[ -f "$1" ]]; then { echo "== $(basename "$1")"; cat "$1"; echo; } >>"$STEPS_LOG"; fi
+}
+fold "$WORK/plan/xla_gpu_plan.md"
+if [[ -f "$WORK/plan/xla_gpu_plan.json" ]]; then cp "$WORK/plan/xla_gpu_plan.json" "$OUT_DIR/"; fi
 
-# 4. What the total leaves, after the drop-in benchmark (its limit, 60 s), the summary
+# 4. The tile sweep: a fixed budget (what it covers: benchmarks/README.md), the limit 40 s
+# more (imports, JAX's start on the GPU, the copy bandwidth, the reports). It writes its
+# results after every item, so a kill at the limit keeps what it measured. Its candidate
+# table comes back as one file, its report in steps.log, its decisions (its last lines) in
+# the summary.
+mkdir -p "$WORK/sweep"
+step "Pallas tile sweep (benchmarks/pallas_sweep.py, budget $SWEEP_S s)" "$STEPS_LOG" \
+  $((SWEEP_S + 40)) \
+  "$PY" benchmarks/pallas_sweep.py ${SWEEP[@]+"${SWEEP[@]}"} --budget-s "$SWEEP_S" --out "$WORK/sweep"
+fold "$WORK/sweep/pallas_sweep.md"
+if [[ -f "$WORK/sweep/tuning_table.json" ]]; then cp "$WORK/sweep/tuning_table.json" "$OUT_DIR/"; fi
+
+# 5. What the total leaves, after the drop-in benchmark (its limit, 60 s), the summary
 # (5 s) and this process's imports and last report (10 s; its budget counts the rest),
-# at most 150 s.
+# at most 150 s. The sweep's minute comes out of this budget (135-150 s before it, 55-100 s
+# now): the benchmark measures its items most important first (gnorm against flax, plain
+# cases, then SiLU), and its gnorm_pallas phase, which the sweep now covers, would start
+# after 150 s anyway (4th of 7 phases; the first alone is 112 items).
 BUDGET=$((TOTAL_S - (SECONDS - START) - 60 - 5 - 10))
 if ((BUDGET > 150)); then BUDGET=150; fi
 if ((BUDGET < 30)); then BUDGET=30; fi
@@ -222,12 +258,12 @@ if [[ -f "$OUT_DIR/gpu_bench.md" ]]; then
   awk '/^## /{p = ($0 ~ /^## Forward(\+backward)? \(/)} p' "$OUT_DIR/gpu_bench.md"
 fi
 
-# 5.
+# 6.
 step "drop-in model benchmark (benchmarks/drop_in.py)" "$STEPS_LOG" 60 \
   "$PY" benchmarks/drop_in.py "${DROP_IN[@]}" --no-progress --out "$WORK/drop_in"
 if [[ -f "$WORK/drop_in/latest.json" ]]; then cp "$WORK/drop_in/latest.json" "$OUT_DIR/drop_in.json"; fi
 
-# 6. Every target, met / NOT MET / n/a, from the benchmarks' json files.
+# 7. Every target, met / NOT MET / n/a, from the benchmarks' json files.
 step "targets of issues 19 and 20" "$SUMMARY" 30 \
   "$PY" benchmarks/gpu_bench.py --summarize "$OUT_DIR"
 

@@ -7,11 +7,12 @@ Usage::
 For every case of the GPU case set (``gnorm_bench.cases.GPU_SHAPES`` in float32
 and bfloat16), compiles the forward and the forward+backward (``jax.vjp``: y,
 dx, dgamma, dbeta) of: gnorm's default path, ``gnorm_prev`` (gnorm's previous
-GPU program: ``maths.py``'s plan, forced), ``flax.linen.GroupNorm``, and the
-same with SiLU (gnorm's fused ``activation="silu"``, flax followed by
-``jax.nn.silu``). Reads off each optimized program the kernels it launches
-and the bytes they move (``gnorm_bench/hlo_structure.py``), in units of x's
-bytes, and the arrays of x's size or more it writes besides its outputs.
+GPU program: ``maths.py``'s plan, forced), gnorm's Pallas kernels,
+``flax.linen.GroupNorm``, and the same with SiLU (gnorm's fused
+``activation="silu"``, XLA and Pallas; flax followed by ``jax.nn.silu``).
+Reads off each optimized program the kernels it launches and the bytes they
+move (``gnorm_bench/hlo_structure.py``), in units of x's bytes, and the arrays
+of x's size or more it writes besides its outputs.
 
 Where it compiles:
 
@@ -46,6 +47,8 @@ from gnorm_bench.impls_jax import fn_flax
 from gnorm_bench.impls_jax import fn_flax_silu
 from gnorm_bench.impls_jax import fn_gnorm
 from gnorm_bench.impls_jax import fn_gnorm_fused
+from gnorm_bench.impls_jax import fn_gnorm_pallas
+from gnorm_bench.impls_jax import fn_gnorm_pallas_fused
 
 import gnorm
 from gnorm._src import backends
@@ -92,8 +95,10 @@ def _previous(make):
 IMPLS = {
     "gnorm": fn_gnorm,
     "gnorm_prev": _previous(fn_gnorm),
+    "gnorm_pallas": fn_gnorm_pallas,
     "flax": fn_flax,
     "gnorm_silu": fn_gnorm_fused,
+    "pallas_silu": fn_gnorm_pallas_fused,
     "flax_silu": fn_flax_silu,
 }
 

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from gnorm._src.backends import tuning
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
@@ -275,17 +277,24 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
   assert len(files) <= 8 and all(f.is_file() and f.parent == out for f in files), files
   names = {f.name for f in files}
   assert {"summary.txt", "pytest.log", "steps.log", "gpu_bench.md", "gpu_bench.json",
-          "drop_in.json", "xla_gpu_plan.md", "xla_gpu_plan.json"} == names, names
+          "drop_in.json", "xla_gpu_plan.json", "tuning_table.json"} == names, names
   summary = (out / "summary.txt").read_text()
   assert "jax backend cpu" in summary and "FAILED" not in summary
   assert " passed" in (out / "pytest.log").read_text()
   assert "| N(0, 1), float32 |" in summary  # the accuracy table
   # Each step's time, the xla_gpu_plan step run beside the tests.
-  for step in ("tests (pytest)", "accuracy table", "XLA's GPU programs", "device-time benchmark",
-               "drop-in model benchmark", "targets of issues 19 and 20"):
+  for step in ("tests (pytest)", "accuracy table", "XLA's GPU programs", "Pallas tile sweep",
+               "device-time benchmark", "drop-in model benchmark", "targets of issues 19 and 20"):
     assert f"== {step}" in summary and f"{step}" in summary.split("== step seconds:")[1], step
   steps_log = (out / "steps.log").read_text()
-  assert "== device-time benchmark" in steps_log and "== drop-in model benchmark" in steps_log
+  for step in ("device-time benchmark", "drop-in model benchmark", "Pallas tile sweep",
+               "xla_gpu_plan.md", "pallas_sweep.md"):
+    assert f"== {step}" in steps_log, step
+  # The sweep's decisions in the summary; its candidate table a valid dry run's.
+  assert "2x8x8x64 bf16 NHWC [<1M, tiled]: " in summary
+  table = json.loads((out / "tuning_table.json").read_text())
+  tuning.validate(table)
+  assert [m["dry_run"] for m in table["measurements"]] == [True]
   bench = json.loads((out / "gpu_bench.json").read_text())
   assert bench["settings"]["quick"] and bench["not_measured"] == [] and bench["cases"]
   assert json.loads((out / "drop_in.json").read_text())["model"]["quick"]

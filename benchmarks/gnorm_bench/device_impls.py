@@ -123,24 +123,33 @@ def _to_nhwc(a: np.ndarray, channels_first: bool) -> np.ndarray:
 
 
 def measure_jax(impl: str, case: DeviceCase, direction: str, data: DeviceData, n: int, u: int,
-                s: Settings, name: str) -> tuple[dict, tuple, dict]:
+                s: Settings, name: str, *, f=None, context=None, channels_first: bool | None = None,
+                on_lowered=None) -> tuple[dict, tuple, dict]:
   """Compiles ``impl``'s loop for ``case`` and ``direction`` and times it.
+
+  ``f``, ``context`` and ``channels_first`` replace ``impl``'s function, the context its
+  program is lowered in and its layout (the tile sweep: ``pallas_sweep.py``); ``on_lowered``
+  gets the lowered program before it is compiled.
 
   Returns:
     The time entry (raw seconds per call, the loop sizes, the compile time), the first
     call's outputs on the checked channels (NHWC float64) and the final carry's health.
   """
-  channels_first = impl == "equinox"
+  if channels_first is None:
+    channels_first = impl == "equinox"
   x, ct, g, b = data.args(channels_first)
-  f = jax_fn(impl, case)
+  f = jax_fn(impl, case) if f is None else f
   if direction == "fwd":
     loop, args = device_loop.fwd_loop(f, n, u), (x, g, b)
   else:
     loop, args = device_loop.fwdbwd_loop(f, n, u), (x, ct, g, b)
   fn = device_loop.named(_checked(direction, loop, checked_channels(case), channels_first), name)
   t0 = time.perf_counter()
-  with plan_context(impl):
-    compiled = jax.jit(fn).lower(*args).compile()
+  with plan_context(impl) if context is None else context:
+    lowered = jax.jit(fn).lower(*args)
+  if on_lowered is not None:
+    on_lowered(lowered)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   copies = device_loop.body_copies(compiled.as_text(), case.elements)
   stats, out = time_runs(lambda: compiled(*args), device_loop.calls(n, u), s)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import pathlib
 import platform
+import subprocess
 import time
 
 import jax
@@ -58,6 +60,24 @@ def threads() -> int:
   if hasattr(os, "sched_getaffinity"):
     return len(os.sched_getaffinity(0))
   return os.cpu_count() or 1
+
+
+def git_revision(root: pathlib.Path) -> str:
+  """The source tree's commit, and whether tracked files differ from it.
+
+  A copy of the tree without ``.git`` (a GPU machine's) says so, or gives
+  ``GNORM_GIT_REVISION`` where whoever copied it set that.
+  """
+  try:
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                            "--untracked-files=no"], capture_output=True, text=True,
+                           timeout=10).stdout.strip()
+  except Exception as e:  # noqa: BLE001 - a copy of the tree without .git, or no git
+    given = os.environ.get("GNORM_GIT_REVISION")
+    return f"{given} (GNORM_GIT_REVISION)" if given else f"unknown ({type(e).__name__})"
+  return head + (" with uncommitted changes" if dirty else "")
 
 
 def loadavg() -> list[float] | None:

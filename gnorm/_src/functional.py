@@ -102,14 +102,16 @@ def group_norm(
     axis_name: a mesh axis name or tuple of names to combine statistics over
       (inside ``shard_map``/``pmap`` only).
     implementation: ``"auto"`` (default), ``"xla"`` or ``"pallas"``. ``"xla"``
-      is the maths above as XLA fusions, on every platform. ``"pallas"`` runs
-      the forward as two Pallas kernels (Triton) on CUDA GPUs, and in Pallas's
-      interpreter elsewhere (for tests: slow); it covers channels-last and
-      channels-first input, every dtype, group count and activation, per
-      sample gamma/beta, but not ``mask``, ``axis_name`` or a channel axis
-      with spatial axes on both sides (a ``ValueError`` names the option).
-      Derivatives are the same rule for both. ``"auto"`` is ``"xla"``
-      everywhere for now: the kernel has not been measured on a GPU yet.
+      is the maths above as XLA fusions, each platform with its own reduction
+      plan. ``"pallas"`` runs the forward and the backward pass as Pallas
+      kernels (Triton) on CUDA GPUs, and in Pallas's interpreter elsewhere
+      (for tests: slow); it covers channels-last and channels-first input,
+      every dtype, group count and activation, per-sample gamma/beta, but not
+      ``mask``, ``axis_name``, a channel axis with spatial axes on both sides
+      or 2**31 elements or more (a ``ValueError`` names the reason).
+      Derivatives of every order work with both. ``"auto"`` picks the kernels
+      on a GPU where a tuning table measured them faster on that GPU model
+      (none is measured yet, so it is ``"xla"`` everywhere today).
 
   Returns:
     An array of the shape of ``x``, in ``x``'s dtype (float32 for integer or
@@ -125,7 +127,8 @@ def group_norm(
       or infinite, gamma or beta of the wrong size, an unknown key in
       ``params``, a ``mask`` that does not broadcast to ``x``, an unknown
       activation name or ``implementation``, or ``implementation="pallas"``
-      with an option the kernels do not cover.
+      with an option the kernels do not cover or on a JAX without Pallas's
+      Triton backend.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -46,7 +46,8 @@ from jax.interpreters import mlir
 
 from gnorm._src import backends
 from gnorm._src import maths
-from gnorm._src.backends import pallas
+from gnorm._src.backends import pallas_support
+from gnorm._src.backends import tuning
 from gnorm._src.backends import xla_gpu
 from gnorm._src.backends import xla_gpu_vjp
 
@@ -141,17 +142,21 @@ def _forward_gpu(spec: Spec, *ops):
   return (y, *stats)
 
 
-def _forward_pallas(spec: Spec, *ops, interpret: bool):
+def _forward_pallas(spec: Spec, *ops, interpret: bool, chosen=None):
+  from gnorm._src.backends import pallas  # noqa: PLC0415 - Triton loads on demand
+
   x, gamma, beta, _ = spec.inputs(ops)
-  y, stats = pallas.forward(spec.cfg, x, gamma, beta, interpret=interpret)
+  y, stats = pallas.forward(spec.cfg, x, gamma, beta, interpret=interpret, chosen=chosen)
   return (y, *stats)
 
 
-def _cotangent_pallas(spec: Spec, *ops, interpret: bool):
+def _cotangent_pallas(spec: Spec, *ops, interpret: bool, chosen=None):
+  from gnorm._src.backends import pallas  # noqa: PLC0415 - Triton loads on demand
+
   (x, gamma, beta, mask, count, mean, rstd), (ct,) = spec.residuals(ops)
   beta = spec.beta_like() if beta is None else beta
   dx, dgamma, dbeta = pallas.cotangent(spec.cfg, x, gamma, beta, mask, count, mean, rstd, ct,
-                                       interpret=interpret)
+                                       interpret=interpret, chosen=chosen)
   return (dx, *[d for d in (dgamma, dbeta) if d is not None])
 
 
@@ -163,11 +168,37 @@ _COTANGENT = {"xla": _transposed_tangent, "xla:gpu": _closed_form, "pallas": _co
 
 def _plain(table, spec: Spec, *ops, platform_plan: str = "xla", platform: str | None = None):
   """``table``'s function for ``spec``; ``platform``: where it is being lowered (None: any,
-  as for higher derivatives, which take the XLA maths also for the Pallas kernels)."""
-  if spec.cfg.implementation == "pallas" and platform is not None:
-    return tuple(table["pallas"](spec, *ops, interpret=platform != "cuda"))
+  as for higher derivatives, which take the XLA maths also for the Pallas kernels).
+
+  ``implementation="pallas"`` lowers the kernels: compiled by Triton on CUDA
+  (with the tiles the tuning table measured fastest on this GPU, if any), in
+  Pallas's interpreter elsewhere. ``"auto"`` lowers them on CUDA where the
+  tuning table measured them faster than XLA on this GPU, the XLA plan
+  everywhere else.
+  """
+  impl = spec.cfg.implementation
+  if platform is not None and impl != "xla":
+    use, block = impl == "pallas", None
+    if platform == "cuda":
+      use, block = _tuned(spec, ops[0], table is _FORWARD, impl)
+    if use:
+      return tuple(table["pallas"](spec, *ops, interpret=platform != "cuda", chosen=block))
   plan = platform_plan if spec.plan == "auto" else spec.plan
   return tuple(table[plan](spec, *ops))
+
+
+def _tuned(spec: Spec, x, forward: bool, impl: str):
+  """``(use the kernels?, their tiles)`` for this call on this process's GPU,
+  from the tuning table (no GPU, as when lowering for CUDA on a CPU host: the
+  kernels only if asked for, with their heuristic tiles)."""
+  v = maths.view(x.shape, spec.cfg.channel_axis)
+  args = (tuning.gpu_device_kind(), jnp.dtype(x.dtype).name, v.c_pos == 2, v.shape[0],
+          v.spatial_size, v.channels, spec.cfg.n_groups)
+  if impl == "pallas":
+    blocks = tuning.blocks_for(*args)
+    return True, None if blocks is None else (blocks.forward if forward else blocks.backward)
+  choice = tuning.choose(*args)
+  return choice.implementation == "pallas", choice.forward if forward else choice.backward
 
 
 _forward_plain = functools.partial(_plain, _FORWARD)
@@ -227,7 +258,11 @@ def _register_lowerings(p, plain, multiple_results: bool) -> None:
   mlir.register_lowering(p, lower("default", "xla"))
   for platform in dict.fromkeys(("cuda", *backends.PLAN_PER_PLATFORM)):
     plan = backends.PLAN_PER_PLATFORM.get(platform, "xla")
-    mlir.register_lowering(p, lower(platform, plan), platform=platform)
+    # Where Triton compiles the kernels, its deprecation warning is gnorm's
+    # business, not the user's (pallas_support.quiet_lowering).
+    rule = lower(platform, plan)
+    mlir.register_lowering(p, pallas_support.quiet_lowering(rule) if platform == "cuda" else rule,
+                           platform=platform)
 
 
 _register_lowerings(forward_p, _forward_plain, multiple_results=True)

@@ -293,21 +293,34 @@ def check_implementation_name(implementation: Any, shape: tuple[int, ...] | None
 
 def check_implementation(implementation: Any, cfg, shape: tuple[int, ...],
                          has_mask: bool) -> str:
-  """Resolves ``implementation`` to ``"xla"`` or ``"pallas"``.
+  """Resolves ``implementation`` to ``"xla"``, ``"pallas"`` or ``"auto"``.
 
-  ``"auto"`` is ``"xla"`` on every platform until the Pallas kernels have
-  been measured faster somewhere; ``"pallas"`` with an option the kernels do
-  not cover raises, naming the option.
+  ``"auto"`` stays ``"auto"`` only where the Pallas kernels could run (the
+  options they cover, this JAX's Triton backend, int32 indices): the program
+  then picks them when it is lowered, on a GPU where a tuning table says they
+  were measured faster there (``backends/tuning.py``), XLA otherwise.
+  ``"pallas"`` raises, naming the reason, where the kernels cannot run.
   """
-  check_implementation_name(implementation, shape)
-  if implementation == "auto":
-    return "xla"
-  if implementation == "pallas":
-    from gnorm._src.backends import pallas  # noqa: PLC0415 - Pallas loads on demand
+  from gnorm._src.backends import pallas_support  # noqa: PLC0415 - probes Pallas on first use
+  from gnorm._src.backends import tuning  # noqa: PLC0415
 
-    why = pallas.unsupported(cfg, shape, has_mask)
+  check_implementation_name(implementation, shape)
+  if implementation == "xla":
+    return implementation
+  why = pallas_support.unsupported(cfg, shape, has_mask)
+  if implementation == "pallas":
+    missing = pallas_support.why_unavailable()
+    if missing is not None:
+      raise ValueError(f"{pallas_support.unavailable_message(missing)} Input shape {shape}.")
     if why is not None:
       raise ValueError(
           f"implementation='pallas' does not support {why}; input shape {shape}. "
           "Use implementation='auto' or 'xla' (the XLA path covers every option).")
-  return implementation
+    pallas_support.check_index_range(shape, "x")
+    return implementation
+  # Cheapest first: with no GPU measurement in the table, nothing to decide
+  # (and no Pallas to import).
+  if (tuning.measured_on_gpu() and why is None and pallas_support.fits_int32_offsets(shape)
+      and pallas_support.triton_available()):
+    return "auto"
+  return "xla"

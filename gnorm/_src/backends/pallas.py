@@ -46,18 +46,6 @@ from gnorm._src.backends import pallas_triton_vjp
 ONE_PASS_MIN_PROGRAMS = 512
 
 
-def unsupported(cfg: maths.Config, shape: tuple[int, ...], has_mask: bool) -> str | None:
-  """The option the kernels do not cover, in words, or None."""
-  if has_mask:
-    return "mask"
-  if cfg.axis_name is not None:
-    return f"axis_name={cfg.axis_name!r}"
-  if len(maths.view(shape, cfg.channel_axis).shape) != 3:
-    return (f"channel_axis={cfg.channel_axis} with spatial axes on both sides of it "
-            "(the kernels take channels last or channels right after the batch)")
-  return None
-
-
 def _erfc(z: jax.Array) -> jax.Array:
   """erfc from operations Triton lowers (it has no erf): the Chebyshev fit of
   Press et al., Numerical Recipes 6.2, fractional error < 1.2e-7 for all z."""
