@@ -72,3 +72,28 @@ def group_norm_ref_full(x, n_groups, gamma=None, beta=None, eps=1e-5,
     y = y + per(beta)
   y = np.where(ml, _act64(activation, y.reshape(xl.shape)), 0.0)
   return np.moveaxis(y, -1, channel_axis)
+
+
+def naive_jnp(params, x, n_groups, channel_axis=-1, activation=None, eps=1e-5):
+  """The plain formula in ``jax.numpy`` (shares no code with gnorm): an oracle
+  for derivatives, by JAX's autodiff of it (in float64 under ``x64``).
+
+  ``params`` holds ``gamma`` and ``beta`` of shape ``(C,)`` or ``(N, C)``;
+  ``activation`` is a name of ``gnorm``'s (``"silu"``, ``"gelu"``, ...).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  acts = {"relu": jax.nn.relu, "silu": jax.nn.silu, "swish": jax.nn.silu,
+          "gelu": lambda z: jax.nn.gelu(z, approximate=False),
+          "gelu_tanh": lambda z: jax.nn.gelu(z, approximate=True)}
+  xl = jnp.moveaxis(x, channel_axis, -1)
+  n, c = xl.shape[0], xl.shape[-1]
+  xg = xl.reshape(n, -1, n_groups, c // n_groups)
+  mean = xg.mean(axis=(1, 3), keepdims=True)
+  var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(n, -1, c)
+  y = y * params["gamma"].reshape(-1, 1, c) + params["beta"].reshape(-1, 1, c)
+  if activation is not None:
+    y = acts[activation](y)
+  return jnp.moveaxis(y.reshape(xl.shape), -1, channel_axis)

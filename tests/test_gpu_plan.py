@@ -29,6 +29,7 @@ from gnorm._src import maths
 from gnorm._src.backends import xla_gpu
 from tests.reference import group_norm_ref
 from tests.reference import group_norm_ref_full
+from tests.reference import naive_jnp
 
 
 def _gpu(fn):
@@ -216,21 +217,6 @@ def test_eps_zero_constant_and_empty_groups():
     assert np.all(np.isfinite(g))
 
 
-def _naive(params, x, n_groups, channel_axis=-1, activation=None):
-  """Plain-autodiff GroupNorm (shares no code with gnorm): the oracle."""
-  xl = jnp.moveaxis(x, channel_axis, -1)
-  n, c = xl.shape[0], xl.shape[-1]
-  xg = xl.reshape(n, -1, n_groups, c // n_groups)
-  mean = xg.mean(axis=(1, 3), keepdims=True)
-  var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
-  y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(n, -1, c)
-  g, b = params["gamma"], params["beta"]
-  y = y * g.reshape(-1, 1, c) + b.reshape(-1, 1, c)
-  if activation is not None:
-    y = maths.ACTIVATIONS[activation](y)
-  return jnp.moveaxis(y.reshape(xl.shape), -1, channel_axis)
-
-
 GRAD_CASES = [((2, 3, 8), -1, 4, None, False), ((2, 4, 3, 2), 1, 2, "silu", False),
               ((3, 8), -1, 2, None, True), ((2, 5, 6, 4), 2, 3, "gelu", True)]
 
@@ -261,7 +247,7 @@ def test_derivatives_match_plain_autodiff(x64, shape, channel_axis, n_groups, ac
 
   ours = loss(lambda p, x: gnorm.group_norm(p, x, n_groups, channel_axis=channel_axis,
                                             activation=activation))
-  naive = loss(lambda p, x: _naive(p, x, n_groups, channel_axis, activation))
+  naive = loss(lambda p, x: naive_jnp(p, x, n_groups, channel_axis, activation))
 
   def derivatives(f):
     return (jax.grad(f, argnums=(0, 1))(params, x), jax.jacfwd(f, argnums=1)(params, x),
@@ -351,7 +337,7 @@ def test_float32_gradients_match_float64(x64):
   g32 = _gpu(jax.grad(lambda p, x: jnp.sum(gnorm.group_norm(p, x, 8) * ct),
                       argnums=(0, 1)))(params, x)
   p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-  g64 = jax.jit(jax.grad(lambda p, x: jnp.sum(_naive(p, x, 8) * ct.astype(np.float64)),
+  g64 = jax.jit(jax.grad(lambda p, x: jnp.sum(naive_jnp(p, x, 8) * ct.astype(np.float64)),
                          argnums=(0, 1)))(p64, jnp.asarray(x, jnp.float64))
   assert g32[1].dtype == jnp.float32
   np.testing.assert_allclose(g32[1], g64[1], atol=2e-5)

@@ -19,6 +19,7 @@ from jax.test_util import check_grads
 
 import gnorm
 from tests.reference import group_norm_ref_full
+from tests.reference import naive_jnp
 
 # (shape, n_groups, channel_axis, dtype, activation, per_sample)
 CASES = {
@@ -102,22 +103,6 @@ def test_gradients_match_xla(name, plan):
                                rtol=tol, atol=tol)
 
 
-def _naive64(p, x, g, axis, act):
-  """Plain-autodiff GroupNorm in float64 (shares no code with gnorm)."""
-  from gnorm._src.maths import ACTIVATIONS
-
-  xl = jnp.moveaxis(x, axis, -1)
-  n, c = xl.shape[0], xl.shape[-1]
-  xg = xl.reshape(n, -1, g, c // g)
-  mean = xg.mean(axis=(1, 3), keepdims=True)
-  var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
-  y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(n, -1, c)
-  y = y * p["gamma"].reshape(-1, 1, c) + p["beta"].reshape(-1, 1, c)
-  if act is not None:
-    y = ACTIVATIONS[act](y)
-  return jnp.moveaxis(y.reshape(xl.shape), -1, axis)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_backward_kernels_match_float64_reference(x64, name, plan):
   # The backward kernels (partial sums, then dx) in the interpreter against
@@ -130,7 +115,7 @@ def test_backward_kernels_match_float64_reference(x64, name, plan):
   y, vjp = jax.vjp(f, p, jnp.asarray(x))
   got = vjp(jnp.asarray(ct, y.dtype))
   p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p)
-  _, vjp64 = jax.vjp(lambda p, x: _naive64(p, x, g, axis, act), p64,
+  _, vjp64 = jax.vjp(lambda p, x: naive_jnp(p, x, g, axis, act), p64,
                      jnp.asarray(x, jnp.float64))
   want = vjp64(jnp.asarray(ct, jnp.float64))
   # float32: rounding only; half precision: dx is rounded to x's dtype once.
