@@ -165,13 +165,10 @@ def test_a_scope_around_tracing_alone_misses_it():
     traced.lower()
 
 
-def test_a_real_triton_kernel_lowered_for_cuda(monkeypatch):
-  """JAX 0.11's behaviour on this JAX (0.10.2 does not warn): its Triton
-  lowering rule, made to warn first as 0.11.2's does, run for CUDA from this
-  CPU through a primitive lowered with ``quiet_lowering``."""
+def _make_triton_warn(monkeypatch):
+  """Makes this JAX's Triton lowering rule warn first, as JAX 0.11.2's does."""
   from jax._src.pallas import core as pallas_core  # the backends' lowering rules
   from jax._src.pallas.triton import pallas_call_registration  # registers Triton's rule
-  from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
   del pallas_call_registration
@@ -183,6 +180,16 @@ def test_a_real_triton_kernel_lowered_for_cuda(monkeypatch):
     return rule(*args, **kwargs)
 
   monkeypatch.setitem(rules, plgpu.CompilerParams, (warning_rule, platform))
+
+
+def test_a_real_triton_kernel_lowered_for_cuda(monkeypatch):
+  """JAX 0.11's behaviour on this JAX (0.10.2 does not warn): its Triton
+  lowering rule, made to warn first as 0.11.2's does, run for CUDA from this
+  CPU through a primitive lowered with ``quiet_lowering``."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  _make_triton_warn(monkeypatch)
 
   def add_one(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1
@@ -241,21 +248,9 @@ def test_no_triton_deprecation_reaches_a_user_of_gnorm(monkeypatch):
   # Triton's lowering rule made to warn as JAX 0.11's does; a training step
   # through implementation="pallas" lowered for CUDA (6 kernels) under
   # pyproject's warnings-are-errors: nothing escapes.
-  from jax._src.pallas import core as pallas_core
-  from jax._src.pallas.triton import pallas_call_registration
-  from jax.experimental.pallas import triton as plgpu
-
   import gnorm
 
-  del pallas_call_registration
-  rules = pallas_core._backend_lowering_rules
-  rule, platform = rules[plgpu.CompilerParams]
-
-  def warning_rule(*args, **kwargs):
-    _warn(TRITON_WARNING)
-    return rule(*args, **kwargs)
-
-  monkeypatch.setitem(rules, plgpu.CompilerParams, (warning_rule, platform))
+  _make_triton_warn(monkeypatch)
   x = jax.ShapeDtypeStruct((2, 8, 8, 32), jnp.bfloat16)
 
   def step(x):
