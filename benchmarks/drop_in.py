@@ -205,7 +205,7 @@ def _machine_lines(m: dict) -> list[str]:
   return [
     f"Machine: {m['cpu']}, {m['cores']} cores ({m['platform']}), JAX backend "
     f"`{m['jax_backend']}`{device}; Python {m['python']}; "
-    + ", ".join(f"{k} {val}" for k, val in m["versions"].items() if val)
+    + ", ".join(f"{k} {val}" for k, val in m["versions"].items() if val and k != "gnorm")
     + ".",
     f"Load average (1, 5, 15 min) at start {m.get('loadavg_start')}, at end"
     f" {m.get('loadavg_end')} (above the core count, other processes shared the machine:"
@@ -222,7 +222,7 @@ def to_markdown(results: dict, command: str) -> str:
   lines = [
     "# gnorm drop-in model benchmark",
     "",
-    f"`{command}` — {results['machine']['date_utc']}",
+    f"`{command}` — {results['machine']['date_utc']}, {machine.provenance(results['machine'])}",
     "",
     *_machine_lines(results["machine"]),
     "",

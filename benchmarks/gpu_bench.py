@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
 
   torch_dev = "cuda" if set(impls) & set(TORCH_IMPLS) else None
   info = machine.machine_info(machine.threads(), torch_dev)
-  info["git"] = machine.git_revision(ROOT)
   for dist in ("triton", "optax"):
     info["versions"][dist] = machine.optional(dist) and getattr(
       machine.optional(dist), "__version__", None)

@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
   settings = (Settings.quick() if args.quick else Settings.gpu() if backend == "gpu"
               else Settings.cpu())
   info = machine.machine_info(machine.threads())
-  info["git"] = machine.git_revision(ROOT)
   info["table_versions"] = _versions()
   case_list = sweep_plan.cases(args.quick, dtypes, layouts)
   items = sweep_plan.work(case_list, args.quick)

@@ -5,10 +5,13 @@ Build: ``python -m sphinx -W --keep-going -b html docs docs/_build/html``
 and never executed; code examples on the pages run as doctests under pytest.
 """
 
+import importlib.metadata
 import inspect
 import pathlib
 import re
 import sys
+
+import flax.linen
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "_ext"))
@@ -16,18 +19,28 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "_ext"))
 project = "gnorm"
 author = "gnorm developers"
 copyright = "2026, gnorm developers"  # noqa: A001 (Sphinx's name)
+# The version documented: the installed package's (one place: pyproject.toml).
+release = importlib.metadata.version("gnorm")
+version = release
 
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
+    "sphinx.ext.mathjax",
+    # MathJax 3 shipped in the package and copied into _static/mathjax: formulas
+    # render with no network (Sphinx's default loads MathJax from a CDN).
+    "sphinx-mathjax-offline",
     "sphinx_copybutton",
     "myst_nb",
     "public_api",
+    "public_types",
 ]
 
 # Notebooks: rendered with the outputs stored in them, never executed here.
 nb_execution_mode = "off"
+# A cell's printed lines in one output box, not one box per write.
+nb_merge_streams = True
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
@@ -36,6 +49,9 @@ exclude_patterns = ["_build", "conftest.py", "_ext", "**.ipynb_checkpoints"]
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
 autodoc_inherit_docstrings = False
+# The page's contents list shows "GroupNorm" > "n_groups", not
+# "GroupNorm" > "GroupNorm.n_groups": the nesting already says whose it is.
+toc_object_entries_show_parents = "hide"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
@@ -53,10 +69,13 @@ nitpick_ignore_regex = [
 ]
 
 html_theme = "sphinx_book_theme"
-html_title = "gnorm"
+html_title = f"gnorm {release}"
 html_theme_options = {
     "show_toc_level": 2,
 }
+html_static_path = ["_static"]
+# Code blocks wrap instead of being cut at the page's right edge.
+html_css_files = ["custom.css"]
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
 
@@ -84,6 +103,9 @@ def _signature(app, what, name, obj, options, signature, return_annotation):
   if signature:
     for pattern, replacement in _SIGNATURE_CLEANUPS:
       signature = pattern.sub(replacement, signature)
+  if what == "class" and isinstance(obj, type) and issubclass(obj, flax.linen.Module):
+    # Nor in the parameter types that autodoc recorded for the description.
+    app.env.current_document.autodoc_annotations.get(name, {}).pop("parent", None)
   return signature, return_annotation
 
 

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gnorm
+from tests import multidevice_groups
 
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
                "reduce-scatter")
@@ -445,8 +446,9 @@ def _get_path(tree, path):
   return tree
 
 
-CHECKS = {name: fn for name, fn in sorted(globals().items())
-          if name.startswith("check_")}
+# axis_index_groups: its checks live in their own module, run here with the rest.
+CHECKS = dict(sorted({**{name: fn for name, fn in globals().items() if name.startswith("check_")},
+                      **multidevice_groups.GROUP_CHECKS}.items()))
 
 
 def main() -> int:

@@ -133,6 +133,8 @@ def test_quick_benchmark_writes_sane_results(tmp_path):
   assert "Machine:" in md and "jax " in md  # the machine it ran on
   assert "JAX backend `cpu`, device `cpu`" in md and "Copy bandwidth: **" in md
   machine = results["machine"]
+  # The code it measured: the version, which changes only at a release, and the commit.
+  assert machine["git"] and f"gnorm {machine['versions']['gnorm']} at commit {machine['git']}" in md
   assert machine["jax_backend"] == "cpu" and machine["device"] == "cpu"
   _check_copy_bandwidth(results)
 

@@ -182,13 +182,18 @@ def test_rank_cannot_change_between_calls():
       hk.transform(f).init(None, jnp.ones((2, 3, 4)))
 
 
-def test_axis_gnorm_cannot_express_raises_naming_it():
-  """With channels last, haiku's -2 reduces over the groups axis only."""
-  x = _x((2, 5, C))
-  orig = _transform(hk.GroupNorm, groups=4, axis=-2)
-  assert orig.apply(orig.init(None, x), x).shape == x.shape  # haiku computes something
-  with pytest.raises(ValueError, match=r"axis=\(-2,\)"):
-    _transform(GroupNorm, groups=4, axis=-2).init(None, x)
+@pytest.mark.parametrize("rank,axis,create", [
+    (3, -2, True),                # channels last: haiku's -2 is its groups axis
+    (4, (1, 2, -2), True),        # every position, the groups axis, not within groups
+    (3, (0, -2), False),          # the batch axis too; call-time scale and offset
+])
+def test_axis_over_the_groups_axis_only(rank, axis, create):
+  """Statistics of the channels ``groups`` apart: gnorm reorders the channels."""
+  s = o = None
+  if not create:
+    s, o = _per_channel(rank, "channels_last", 3), _per_channel(rank, "channels_last", 4) - 1
+  _compare(dict(groups=4, axis=axis, create_scale=create, create_offset=create),
+           _shape(rank, "channels_last"), s, o, seed=rank)
 
 
 def test_rank_one_input_raises():

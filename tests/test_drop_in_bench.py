@@ -52,3 +52,5 @@ def test_drop_in_quick(tmp_path):
   fused = variants["gnorm_fused"]
   assert fused["residuals"]["total_bytes"] < flax["residuals"]["total_bytes"]
   assert "Machine:" in md and results["machine"]["jax_backend"] == "cpu"
+  m = results["machine"]
+  assert m["git"] and f"gnorm {m['versions']['gnorm']} at commit {m['git']}" in md

@@ -221,7 +221,8 @@ GRAD_CASES = [((2, 3, 8), -1, 4, None, False), ((2, 4, 3, 2), 1, 2, "silu", Fals
               ((3, 8), -1, 2, None, True), ((2, 5, 6, 4), 2, 3, "gelu", True)]
 
 
-@pytest.mark.parametrize("shape,channel_axis,n_groups,activation,per_sample", GRAD_CASES)
+@pytest.mark.parametrize("shape,channel_axis,n_groups,activation,per_sample",
+                         GRAD_CASES[1:2] + GRAD_CASES[3:])  # the other two: below, by autodiff
 def test_check_grads_second_order_fwd_and_rev(x64, shape, channel_axis, n_groups, activation,
                                              per_sample):
   x, gamma, beta = _data(shape, channel_axis, loc=1.0, seed=8, per_sample=per_sample)

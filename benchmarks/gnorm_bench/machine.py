@@ -27,6 +27,8 @@ from .timing import stats
 # (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) and 22-27 GB/s for NumPy's
 # copyto. The yardstick is meant for GPUs and TPUs.
 COPY_MIB = {"cpu": 64}
+# The source tree whose commit a run records (benchmarks/gnorm_bench/ is two below).
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 COPY_MIB_ACCELERATOR = 256
 _DISTS = (
   "jax",
@@ -78,6 +80,11 @@ def git_revision(root: pathlib.Path) -> str:
     given = os.environ.get("GNORM_GIT_REVISION")
     return f"{given} (GNORM_GIT_REVISION)" if given else f"unknown ({type(e).__name__})"
   return head + (" with uncommitted changes" if dirty else "")
+
+
+def provenance(m: dict) -> str:
+  """Which gnorm a run measured, for a report's header: its version and commit."""
+  return f"gnorm {m['versions'].get('gnorm')} at commit {m.get('git', 'not recorded')}"
 
 
 def loadavg() -> list[float] | None:
@@ -150,6 +157,8 @@ def machine_info(n_threads: int, torch_dev: str | None = None) -> dict:
     "torch_device": torch_dev,
     "torch_device_name": None,
     "versions": versions,
+    # The version alone does not say which code ran: it changes only at a release.
+    "git": git_revision(ROOT),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     "loadavg_start": loadavg(),

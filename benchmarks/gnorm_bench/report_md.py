@@ -7,6 +7,7 @@ import math
 import jax.numpy as jnp
 
 from .cases import describe_bounds
+from .machine import provenance
 from .report_md_fused import fused_markdown
 from .report_util import bandwidth_rows
 from .report_util import fmt_b
@@ -51,11 +52,11 @@ def _header(results: dict, command: str, torch_shown: bool) -> list[str]:
   lines = [
     "# gnorm benchmark",
     "",
-    f"`{command}` — {m['date_utc']}",
+    f"`{command}` — {m['date_utc']}, {provenance(m)}",
     "",
     f"Machine: {m['cpu']}, {m['cores']} cores ({m['platform']}), JAX backend "
     f"`{m['jax_backend']}`{device}; Python {m['python']}; "
-    + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    + ", ".join(f"{k} {val}" for k, val in v.items() if val and k != "gnorm")
     + ".",
     runtime + f"Load average (1, 5, 15 min) at start {m.get('loadavg_start')}, "
     f"at end {m.get('loadavg_end')} (above the core count, other processes "

@@ -33,6 +33,7 @@ from gnorm._src.maths import group_sum
 from gnorm._src.maths import masked
 from gnorm._src.maths import per_channel
 from gnorm._src.maths import preactivation
+from gnorm._src.maths import shard_sum
 from gnorm._src.maths import view
 
 
@@ -79,7 +80,7 @@ def tangent(h: Hints, cfg: Config, x, gamma, beta, mask, count, mean, rstd,
   s_txxc = v.sum_nc(t2.astype(cdt) * masked(mv, x2.astype(cdt) - v.bc(mean_c2)))
   s_txxc = group_sum(h.fence(s_txxc), g)
   if cfg.axis_name is not None:
-    s_tx, s_txxc = jax.lax.psum(jnp.stack([s_tx, s_txxc]), cfg.axis_name)
+    s_tx, s_txxc = shard_sum(jnp.stack([s_tx, s_txxc]), cfg)
   dmean, dvar_half = s_tx / safe, s_txxc / safe
   rstd_c = per_channel(rstd, c)
   gam = None if gamma is None else gamma.astype(cdt)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Mapping
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ def group_norm(
     mask: ArrayLike | None = None,
     activation: str | Callable[[jax.Array], jax.Array] | None = None,
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
   r"""Group Normalization (Wu & He, 2018) as a pure function.
@@ -75,8 +77,10 @@ def group_norm(
   * ``axis_name``: inside ``shard_map`` or ``pmap``, statistics are combined
     across that mesh axis (or axes) with one collective, so an input split
     along its spatial axes, or within a group's channels, is normalised
-    exactly as the whole would be. Under plain ``jax.jit`` with sharded
-    inputs no ``axis_name`` is needed: XLA inserts what is required.
+    exactly as the whole would be; ``axis_index_groups`` combines them
+    within groups of devices only, as ``lax.pmean`` does. Under plain
+    ``jax.jit`` with sharded inputs no ``axis_name`` is needed: XLA inserts
+    what is required.
 
   Args:
     params: ``{"gamma": ..., "beta": ...}`` (the names of the seed,
@@ -101,6 +105,11 @@ def group_norm(
     activation: applied after the affine transform, fused.
     axis_name: a mesh axis name or tuple of names to combine statistics over
       (inside ``shard_map``/``pmap`` only).
+    axis_index_groups: with ``axis_name`` only: groups of indices along it,
+      such as ``((0, 1), (2, 3))``, each index in exactly one group and all
+      groups of one size (``lax.psum``'s argument); the statistics are
+      combined within each group. JAX implements it in ``shard_map`` and
+      ``pmap``, not under ``vmap`` (``NotImplementedError``).
     implementation: ``"auto"`` (default), ``"xla"`` or ``"pallas"``. ``"xla"``
       is the maths above as XLA fusions, each platform with its own reduction
       plan. ``"pallas"`` runs the forward and the backward pass as Pallas
@@ -118,15 +127,18 @@ def group_norm(
     bool input).
 
   Raises:
-    TypeError: ``n_groups``, ``group_size``, ``channel_axis``, ``eps`` or
-      ``activation`` of the wrong type, ``params`` not a mapping, a complex or
-      non-numeric ``x``, gamma or beta, or a non-boolean ``mask``.
+    TypeError: ``n_groups``, ``group_size``, ``channel_axis``, ``eps``,
+      ``activation`` or ``axis_index_groups`` of the wrong type, ``params``
+      not a mapping, a complex or non-numeric ``x``, gamma or beta, or a
+      non-boolean ``mask``.
     ValueError: neither or both of ``n_groups`` and ``group_size``, either
       not positive or not dividing ``C``, ``x`` of rank < 2,
       ``channel_axis`` out of range or the batch axis, ``eps`` negative, NaN
       or infinite, gamma or beta of the wrong size, an unknown key in
       ``params``, a ``mask`` that does not broadcast to ``x``, an unknown
-      activation name or ``implementation``, or ``implementation="pallas"``
+      activation name or ``implementation``, ``axis_index_groups`` without
+      ``axis_name`` or not each index of its axis exactly once in groups of
+      one size, or ``implementation="pallas"``
       with an option the kernels do not cover or on a JAX without Pallas's
       Triton backend.
 
@@ -177,10 +189,12 @@ def group_norm(
   mask = validation.check_mask(mask, shape)
   activation = validation.check_activation(activation, maths.ACTIVATIONS, shape)
   axis_name = validation.check_axis_name(axis_name, shape)
+  groups = validation.check_axis_index_groups(axis_index_groups, axis_name, shape)
+  validation.check_groups_cover_axis(groups, axis_name, shape)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     # As the seed's layer casts its input to float32.
     x = x.astype(jnp.float32)
-  cfg = maths.Config(n_groups, eps, axis, axis_name, activation)
+  cfg = maths.Config(n_groups, eps, axis, axis_name, activation, axis_index_groups=groups)
   cfg = cfg._replace(implementation=validation.check_implementation(
       implementation, cfg, shape, mask is not None))
   return derivative.group_norm_core(x, gamma, beta, mask, cfg)

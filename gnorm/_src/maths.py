@@ -24,7 +24,9 @@ The formulation:
 Across devices (``axis_name``), each shard reduces its own part to a count,
 a mean and a sum of squared deviations per (sample, group); one ``all_gather``
 of those small arrays lets every shard combine them exactly (Chan et al.),
-which keeps the two-pass accuracy with a single collective.
+which keeps the two-pass accuracy with a single collective. With
+``axis_index_groups`` the gather, and the derivative's sum, run within each
+group of devices only.
 
 Functions that touch full-size arrays take a ``Hints`` first (see
 ``backends/``): the same maths, steered per platform. CUDA and ROCm GPUs
@@ -61,6 +63,9 @@ class Config(NamedTuple):
   # "xla" (maths.py, lowered with backends/ hints) or "pallas" (the kernels
   # of backends/pallas.py); resolved from "auto" by validation.py.
   implementation: str = "xla"
+  # With axis_name: statistics combined within these groups of indices along
+  # it (as lax.psum's argument), tuples so that the Config stays hashable.
+  axis_index_groups: tuple[tuple[int, ...], ...] | None = None
 
 
 class View(NamedTuple):
@@ -242,16 +247,18 @@ def moments(h: Hints, v: View, xv: jax.Array, mv: jax.Array | None,
   xc = masked(mv, x2.astype(cdt) - v.bc(mean_c))
   m2 = group_sum(h.fence(v.sum_nc(xc * xc)), g)
   if cfg.axis_name is not None:
-    count, mean, m2 = combine_shards(count, mean, m2, cfg.axis_name)
+    count, mean, m2 = combine_shards(count, mean, m2, cfg.axis_name, cfg.axis_index_groups)
   return count, mean, m2 / jnp.maximum(count, 1)
 
 
-def combine_shards(count, mean, m2, axis_name):
-  """Chan et al.'s exact combine of every shard's ``(count, mean, m2)``."""
+def combine_shards(count, mean, m2, axis_name, axis_index_groups=None):
+  """Chan et al.'s exact combine of every shard's ``(count, mean, m2)``
+  (with ``axis_index_groups``: of the shards of this shard's group)."""
   # One small collective, then the pairwise formula, shifted by the mean of
   # the shard that counts most: shards with equal means (a constant group
   # split across devices) then combine to exactly that mean and m2 = 0.
-  parts = lax.all_gather(jnp.stack([count, mean, m2]), axis_name)
+  parts = lax.all_gather(jnp.stack([count, mean, m2]), axis_name,
+                         axis_index_groups=axis_index_groups)
   parts = parts.reshape(-1, 3, *count.shape)
   counts, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]
   ref = jnp.take_along_axis(means, jnp.argmax(counts, axis=0)[None], axis=0)[0]
@@ -259,6 +266,18 @@ def combine_shards(count, mean, m2, axis_name):
   mean = ref + jnp.sum(counts * (means - ref[None]), axis=0) / jnp.maximum(count, 1)
   dev = means - mean[None]
   return count, mean, jnp.sum(m2s, axis=0) + jnp.sum(counts * dev * dev, axis=0)
+
+
+def shard_sum(t: jax.Array, cfg: Config) -> jax.Array:
+  """``t`` summed over the shards of ``cfg.axis_name`` (within this shard's group)."""
+  if cfg.axis_index_groups is None:
+    return lax.psum(t, cfg.axis_name)
+  # JAX 0.10's psum raises NotImplementedError for axis_index_groups inside
+  # shard_map (with its default check_vma=True); all_gather takes them there
+  # and in pmap, so the grouped sum is a gather within the group and a local
+  # sum: still one collective, of the same small (N, G) operands.
+  return jnp.sum(lax.all_gather(t, cfg.axis_name, axis_index_groups=cfg.axis_index_groups),
+                 axis=0)
 
 
 def rstd_of(var: jax.Array, count: jax.Array | None, cfg: Config, rsqrt=lax.rsqrt):

@@ -72,7 +72,7 @@ def check_grouping(n_groups: Any, group_size: Any) -> None:
 def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,
                   channel_axis: Any, param_dtype: Any, group_size: Any = None,
                   activation: Any = None, axis_name: Any = None,
-                  implementation: Any = "auto") -> None:
+                  axis_index_groups: Any = None, implementation: Any = "auto") -> None:
   """Validates the arguments shared by the linen and nnx modules."""
   check_grouping(n_groups, group_size)
   validation.check_eps(epsilon)
@@ -90,7 +90,8 @@ def check_options(*, n_groups: Any, gamma: Any, beta: Any, epsilon: Any,
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"param_dtype must be a floating dtype, got {dtype}.")
   validation.check_activation(activation, maths.ACTIVATIONS)
-  validation.check_axis_name(axis_name)
+  validation.check_axis_index_groups(
+      axis_index_groups, validation.check_axis_name(axis_name))
   validation.check_implementation_name(implementation)
 
 

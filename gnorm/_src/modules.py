@@ -10,6 +10,7 @@ calls ``gnorm.group_norm``; all the maths is in the function.
 import dataclasses
 from collections.abc import Callable
 from collections.abc import Hashable
+from collections.abc import Sequence
 from typing import Any
 from typing import cast
 
@@ -46,17 +47,17 @@ class GroupNorm(nn.Module):
 
   The seed's API maps onto Flax as follows:
 
-  ====================================  ======================================
-  ``neupy.layers.GroupNorm``            ``gnorm.GroupNorm``
-  ====================================  ======================================
-  ``GroupNorm(n_groups, gamma, beta,``  the same fields, same defaults, same
-  ``epsilon, name)``                    positions; options are keyword-only
-  ``variables``                         Flax's ``variables`` (of a bound
-                                        module) or ``model.init(...)``
-  ``create_variables(input_shape)``     ``create_variables(input_shape, key)``
-  ``get_output_shape(input_shape)``     ``get_output_shape(input_shape)``
-  ``output(input)``                     ``__call__(x)``
-  ====================================  ======================================
+  ===================================================  ======================================
+  ``neupy.layers.GroupNorm``                           ``gnorm.GroupNorm``
+  ===================================================  ======================================
+  ``GroupNorm(n_groups, gamma, beta, epsilon, name)``  the same fields, same defaults, same
+                                                       positions; options are keyword-only
+  ``variables``                                        Flax's ``variables`` (of a bound
+                                                       module) or ``model.init(...)``
+  ``create_variables(input_shape)``                    ``create_variables(input_shape, key)``
+  ``get_output_shape(input_shape)``                    ``get_output_shape(input_shape)``
+  ``output(input)``                                    ``__call__(x)``
+  ===================================================  ======================================
 
   Attributes:
     n_groups: the number of groups; must divide the number of channels.
@@ -88,6 +89,9 @@ class GroupNorm(nn.Module):
       callable, or ``None`` (default).
     axis_name: a mesh axis name or tuple of names (keyword-only): inside
       ``shard_map`` or ``pmap``, the statistics cover the shards along it.
+    axis_index_groups: with ``axis_name`` (keyword-only): groups of its
+      indices, such as ``((0, 1), (2, 3))``; the statistics are combined
+      within each group (see ``gnorm.group_norm``).
     implementation: ``"auto"`` (default), ``"xla"`` or ``"pallas"``
       (keyword-only); see ``gnorm.group_norm``.
 
@@ -185,6 +189,8 @@ class GroupNorm(nn.Module):
       default=None, kw_only=True)
   axis_name: Hashable | tuple[Hashable, ...] | None = dataclasses.field(
       default=None, kw_only=True)
+  axis_index_groups: Sequence[Sequence[int]] | None = dataclasses.field(
+      default=None, kw_only=True)
   implementation: str = dataclasses.field(default="auto", kw_only=True)
 
   def __post_init__(self) -> None:
@@ -194,6 +200,7 @@ class GroupNorm(nn.Module):
                   epsilon=self.epsilon, channel_axis=self.channel_axis,
                   param_dtype=self.param_dtype, group_size=self.group_size,
                   activation=self.activation, axis_name=self.axis_name,
+                  axis_index_groups=self.axis_index_groups,
                   implementation=self.implementation)
     super().__post_init__()
 
@@ -201,6 +208,7 @@ class GroupNorm(nn.Module):
     """The keyword options passed through to ``gnorm.group_norm``."""
     return {"channel_axis": self.channel_axis, "group_size": self.group_size,
             "activation": self.activation, "axis_name": self.axis_name,
+            "axis_index_groups": self.axis_index_groups,
             "implementation": self.implementation}
 
   # The one compact method: ``__call__`` and ``create_variables`` both create

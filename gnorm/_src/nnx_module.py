@@ -47,6 +47,9 @@ class GroupNorm(nnx.Module):
       callable, or ``None`` (default).
     axis_name: a mesh axis name or tuple of names: inside ``shard_map`` or
       ``pmap``, the statistics cover the shards along it.
+    axis_index_groups: with ``axis_name``: groups of its indices, such as
+      ``((0, 1), (2, 3))``; the statistics are combined within each group
+      (see ``gnorm.group_norm``). Kept as a tuple of tuples.
     implementation: ``"auto"`` (default), ``"xla"`` or ``"pallas"``; see
       ``gnorm.group_norm``.
     rngs: an ``nnx.Rngs``, needed only when ``gamma`` or ``beta`` is a
@@ -72,8 +75,9 @@ class GroupNorm(nnx.Module):
     ValueError: neither or both of ``n_groups`` and ``group_size``, either
       or ``num_channels`` not positive, ``n_groups`` or ``group_size`` not
       dividing ``num_channels``, ``gamma``/``beta`` of the wrong size (the
-      message names both sizes), an unknown activation name, or no ``rngs``
-      for a random initializer.
+      message names both sizes), an unknown activation name,
+      ``axis_index_groups`` without ``axis_name`` or not groups of one size
+      holding each index once, or no ``rngs`` for a random initializer.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -120,6 +124,7 @@ class GroupNorm(nnx.Module):
       group_size: int | None = None,
       activation: str | Callable[[jax.Array], jax.Array] | None = None,
       axis_name: Hashable | tuple[Hashable, ...] | None = None,
+      axis_index_groups: Sequence[Sequence[int]] | None = None,
       implementation: str = "auto",
       rngs: nnx.Rngs | None = None,
   ):
@@ -136,9 +141,12 @@ class GroupNorm(nnx.Module):
                           epsilon=epsilon, channel_axis=channel_axis,
                           param_dtype=param_dtype, group_size=group_size,
                           activation=activation, axis_name=axis_name,
+                          axis_index_groups=axis_index_groups,
                           implementation=implementation)
     # A list of names becomes a tuple: static attributes must be hashable.
     self.axis_name = validation.check_axis_name(axis_name)
+    self.axis_index_groups = validation.check_axis_index_groups(
+        axis_index_groups, self.axis_name)
     if num_channels is None:
       raise TypeError(
           "gnorm.nnx.GroupNorm needs num_channels, the number of input "
@@ -174,6 +182,7 @@ class GroupNorm(nnx.Module):
     """The keyword options passed through to ``gnorm.group_norm``."""
     return {"channel_axis": self.channel_axis, "group_size": self.group_size,
             "activation": self.activation, "axis_name": self.axis_name,
+            "axis_index_groups": self.axis_index_groups,
             "implementation": self.implementation}
 
   def get_output_shape(self, input_shape: Sequence[int | None] | None):

@@ -11,6 +11,7 @@ import math
 import numbers
 from collections.abc import Callable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -277,6 +278,57 @@ def check_axis_name(axis_name: Any, shape: tuple[int, ...] | None = None):
         f"axis_name must be a mesh axis name or a tuple of them, got "
         f"{_short(axis_name)}{where}.") from None
   return axis_name
+
+
+def check_axis_index_groups(groups: Any, axis_name: Any,
+                            shape: tuple[int, ...] | None = None
+                            ) -> tuple[tuple[int, ...], ...] | None:
+  """``axis_index_groups`` as a tuple of tuples of ints (hashable), or None.
+
+  As in ``lax.psum``: groups of indices along ``axis_name``, each index in
+  exactly one group, all groups of one size (``lax.all_gather`` needs that).
+  Only meaningful with ``axis_name``.
+  """
+  where = f"; input shape {shape}" if shape is not None else ""
+  if groups is None:
+    return None
+  if axis_name is None:
+    raise ValueError(
+        f"axis_index_groups={_short(groups)} needs axis_name: the groups are indices "
+        f"along that mesh axis{where}.")
+
+  def ints(g: Any) -> bool:
+    return (isinstance(g, (Sequence, np.ndarray)) and not isinstance(g, (str, bytes))
+            and all(isinstance(i, (numbers.Integral, np.integer))
+                    and not isinstance(i, (bool, np.bool_)) for i in g))
+
+  if (not isinstance(groups, (Sequence, np.ndarray)) or isinstance(groups, (str, bytes))
+      or not all(ints(g) for g in groups)):
+    raise TypeError(
+        "axis_index_groups must be a sequence of sequences of ints, such as "
+        f"((0, 1), (2, 3)), got {_short(groups)}{where}.")
+  out = tuple(tuple(int(i) for i in g) for g in groups)
+  flat = sorted(i for g in out for i in g)
+  if not out or not out[0] or len({len(g) for g in out}) != 1 or flat != list(range(len(flat))):
+    raise ValueError(
+        f"axis_index_groups={_short(groups)} must be non-empty groups of one size that "
+        f"hold each index 0, 1, ..., n-1 of axis {axis_name!r} exactly once{where}.")
+  return out
+
+
+def check_groups_cover_axis(groups: tuple[tuple[int, ...], ...] | None, axis_name: Any,
+                            shape: tuple[int, ...]) -> None:
+  """The groups name every index of ``axis_name``, whose size is known while
+  tracing inside ``shard_map``/``pmap`` (XLA would fail with an internal error)."""
+  if groups is None:
+    return
+  size = jax.lax.axis_size(axis_name)
+  n = sum(len(g) for g in groups)
+  if n != size:
+    raise ValueError(
+        f"axis_index_groups={_short(groups)} hold {n} indices, but axis {axis_name!r} "
+        f"has {size}: the groups must hold each of its indices exactly once; input "
+        f"shape {shape}.")
 
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")

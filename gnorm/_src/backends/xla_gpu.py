@@ -173,7 +173,8 @@ def moments(v: maths.View, xv: jax.Array, mv: jax.Array | None, cfg: maths.Confi
   else:
     count, mean, m2 = _masked(x6, as_chunks(mv, v, ch), g, cdt)
   if cfg.axis_name is not None:
-    count, mean, m2 = maths.combine_shards(count, mean, m2, cfg.axis_name)
+    count, mean, m2 = maths.combine_shards(count, mean, m2, cfg.axis_name,
+                                           cfg.axis_index_groups)
   return count, mean, m2 / jnp.maximum(count, 1)
 
 

@@ -3,8 +3,8 @@
 ``gnorm.compat.linen.GroupNorm`` and ``gnorm.compat.nnx.GroupNorm`` take
 flax's arguments and create flax's parameters; everything between those
 arguments and ``gnorm.group_norm`` lives here: the checks flax makes (raising
-the same kinds of error), the dtype of the result, and the reshaping that
-turns flax's ``reduction_axes`` into gnorm's batch-first layout.
+the same kinds of error), the dtype of the result, and the transpose and
+reshape that turn flax's ``reduction_axes`` into gnorm's batch-first layout.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numbers
 from collections.abc import Hashable
 from collections.abc import Iterable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,76 +78,78 @@ def resolve_groups(num_groups: Any, group_size: Any, channels: int) -> int:
   return int(num_groups)
 
 
-def check_axis_index_groups(axis_index_groups: Any) -> None:
-  """Raises a ``ValueError`` unless ``axis_index_groups`` is None.
+def index_groups(axis_name: Any, axis_index_groups: Any) -> Any:
+  """The ``axis_index_groups`` to pass on: flax uses them only with an ``axis_name``.
+
+  flax hands them to ``lax.pmean`` and ignores them without an ``axis_name``;
+  so does this. With one, ``gnorm.group_norm`` checks them (a ``TypeError``
+  or ``ValueError`` naming them) and combines statistics within each group.
 
   Examples:
-    >>> check_axis_index_groups(None)
-    >>> check_axis_index_groups([[0, 1], [2, 3]])
-    Traceback (most recent call last):
-    ...
-    ValueError: axis_index_groups=[[0, 1], [2, 3]] is not supported...
+    >>> index_groups(None, [[0, 1], [2, 3]]) is None, index_groups("d", [[0, 1], [2, 3]])
+    (True, [[0, 1], [2, 3]])
   """
-  if axis_index_groups is not None:
-    raise ValueError(
-        f"axis_index_groups={axis_index_groups!r} is not supported: gnorm "
-        "combines statistics over every shard of axis_name. Leave it None, or "
-        "use a mesh axis that spans only the devices to combine.")
+  return None if axis_name is None else axis_index_groups
 
 
-def reduction_start(ndim: int, reduction_axes: int | Iterable[int] | None) -> int:
-  """The first reduced axis: flax reduces over ``range(start, ndim)``.
+class Layout(NamedTuple):
+  """Where flax's ``reduction_axes`` put an input's axes for ``gnorm.group_norm``."""
+
+  perm: tuple[int, ...] | None  # x.transpose(perm) is (kept..., reduced..., C); None: as is
+  n_kept: int  # how many leading axes of that are kept (folded into gnorm's batch axis)
+
+
+def reduction_layout(ndim: int, reduction_axes: int | Iterable[int] | None) -> Layout:
+  """How an input of rank ``ndim`` is laid out for flax's ``reduction_axes``.
 
   ``reduction_axes=None`` is flax's default, every axis but the first (every
-  axis for input of rank 1). Otherwise the axes (negative ones count from the
-  end) must include the last, feature axis, as flax requires, and, for gnorm,
-  form a contiguous block ending there: the axes before it are batch axes,
-  the axes in it are reduced.
+  axis for input of rank 1). Otherwise the axes, in any order, negative ones
+  counting from the end, repeats allowed, must include the last (feature)
+  axis, as flax requires. The axes left out are kept: each combination of
+  their indices has statistics of its own (per group), as a sample does.
+  gnorm's batch axis is its first, so the kept axes are moved to the front
+  (``perm``) and folded into one.
 
   Args:
     ndim: the rank of the input.
     reduction_axes: flax's ``reduction_axes``: None, an int or ints.
 
   Returns:
-    ``start``, so that the reduced axes are ``range(start, ndim)``.
+    The ``Layout``: ``perm`` None when the kept axes already lead (no
+    transpose), and the number of kept axes.
 
   Raises:
-    ValueError: an input of rank 0, an axis out of range, axes without the
-      last one, or axes that leave a gap before the last one (such as
-      ``(1, 3)`` on rank 4: flax supports those, gnorm does not).
+    ValueError: an input of rank 0, an axis that is not an int or is out of
+      range, or axes without the last one.
 
   Examples:
-    >>> reduction_start(4, None), reduction_start(5, (-3, -2, -1)), reduction_start(3, (0, 1, 2))
-    (1, 2, 0)
-    >>> reduction_start(4, (1, 3))
+    >>> reduction_layout(4, None), reduction_layout(3, (0, 1, 2))
+    (Layout(perm=None, n_kept=1), Layout(perm=None, n_kept=0))
+    >>> reduction_layout(5, (0, 1, 3, 4))  # flax's test_group_norm_unbatched
+    Layout(perm=(2, 0, 1, 3, 4), n_kept=1)
+    >>> reduction_layout(4, (1, 2))
     Traceback (most recent call last):
     ...
-    ValueError: reduction_axes (1, 3) ...
+    ValueError: reduction_axes (1, 2) must include the last axis (3) ...
   """
   if ndim < 1:
     raise ValueError("the input must have at least one axis, the feature axis; got a scalar.")
   if reduction_axes is None:
-    return min(1, ndim - 1)
+    return Layout(None, min(1, ndim - 1))
   given = tuple(reduction_axes) if isinstance(reduction_axes, Iterable) else (reduction_axes,)
   if not given or not all(_is_int(a) for a in given):
     raise ValueError(f"reduction_axes must be an int or ints, got {reduction_axes!r}.")
   if not all(-ndim <= a < ndim for a in given):
     raise ValueError(
         f"reduction_axes {reduction_axes!r} are out of range for an input of rank {ndim}.")
-  axes = sorted({int(a) % ndim for a in given})
-  if axes[-1] != ndim - 1:
+  axes = {int(a) % ndim for a in given}
+  if ndim - 1 not in axes:
     raise ValueError(
         f"reduction_axes {reduction_axes!r} must include the last axis ({ndim - 1}) of the "
         f"input of rank {ndim}: flax's feature axis.")
-  start = axes[0]
-  if axes != list(range(start, ndim)):
-    raise ValueError(
-        f"reduction_axes {reduction_axes!r} (axes {tuple(axes)} of an input of rank "
-        f"{ndim}) are not a contiguous block ending at the feature axis: gnorm "
-        "normalises over the last axes, with every axis before them a batch axis. "
-        f"Move the axes to keep to the front first (for example to reduce over "
-        f"{tuple(range(start, ndim))}).")
-  return start
+  kept = tuple(a for a in range(ndim - 1) if a not in axes)
+  perm = (*kept, *sorted(axes))
+  return Layout(None if perm == tuple(range(ndim)) else perm, len(kept))
 
 
 def result_dtype(dtype: DTypeLike | None, *arrays: ArrayLike | None) -> np.dtype:
@@ -170,8 +173,8 @@ def result_dtype(dtype: DTypeLike | None, *arrays: ArrayLike | None) -> np.dtype
   return dtype
 
 
-def _fold_mask(mask: ArrayLike, shape: tuple[int, ...], start: int) -> jax.Array:
-  """The mask for the input of ``shape`` with its axes before ``start`` folded."""
+def _fold_mask(mask: ArrayLike, shape: tuple[int, ...], layout: Layout) -> jax.Array:
+  """The mask for the input of ``shape`` laid out by ``layout``, kept axes folded."""
   m = jnp.asarray(mask, dtype=bool)
   try:
     ok = m.ndim <= len(shape) and jnp.broadcast_shapes(m.shape, shape) == shape
@@ -180,12 +183,15 @@ def _fold_mask(mask: ArrayLike, shape: tuple[int, ...], start: int) -> jax.Array
   if not ok:
     raise ValueError(f"mask of shape {m.shape} does not broadcast to the input shape {shape}.")
   m = m.reshape((1,) * (len(shape) - m.ndim) + m.shape)
-  if start == 1:
+  if layout.perm is not None:
+    m, shape = m.transpose(layout.perm), tuple(shape[a] for a in layout.perm)
+  k = layout.n_kept
+  if k == 1:
     return m
-  rest = m.shape[start:]
-  if all(d == 1 for d in m.shape[:start]):
+  rest = m.shape[k:]
+  if all(d == 1 for d in m.shape[:k]):
     return m.reshape((1, *rest))
-  return jnp.broadcast_to(m, shape[:start] + rest).reshape((-1, *rest))
+  return jnp.broadcast_to(m, shape[:k] + rest).reshape((-1, *rest))
 
 
 def normalize(
@@ -199,12 +205,14 @@ def normalize(
     dtype: DTypeLike | None,
     mask: ArrayLike | None = None,
     axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
 ) -> jax.Array:
   """flax's GroupNorm of ``x`` (features last), computed by ``gnorm.group_norm``.
 
-  The axes before the reduced block (see ``reduction_start``) are folded into
-  one batch axis (one of size 1 is added when every axis is reduced), gnorm
-  normalises, and the result gets ``x``'s shape back. The result has flax's
+  The axes that ``reduction_axes`` leave out are moved to the front, if they
+  are not there already (see ``reduction_layout``), and folded into one
+  batch axis (one of size 1 is added when every axis is reduced); gnorm
+  normalises, and the result gets ``x``'s layout and shape back. The result has flax's
   dtype (``result_dtype``). ``x`` is first cast to the promotion of its dtype
   and the result's when that is wider (bfloat16 input, float32 result: the
   output is gnorm's for float32 input, as flax computes in float32), and the
@@ -221,6 +229,8 @@ def normalize(
     mask: True where positions count; broadcastable to ``x``. Padding
       outputs 0 and gets no gradient (gnorm's semantics).
     axis_name: a mesh axis name: statistics across its shards.
+    axis_index_groups: with ``axis_name``: statistics across the shards of
+      each group of its indices (ignored without ``axis_name``, as in flax).
 
   Returns:
     The normalised ``x``, in its shape and flax's dtype.
@@ -232,19 +242,38 @@ def normalize(
     >>> ref = jax.vmap(lambda v: functional.group_norm(None, v, 2, 1e-6))(x)
     >>> y.shape, y.dtype, bool(jnp.allclose(y, ref, atol=1e-6))
     ((2, 3, 5, 8), dtype('float32'), True)
+
+    Kept axes anywhere, as flax's ``test_group_norm_unbatched`` (axis 2 kept):
+
+    >>> y = normalize(x, None, None, num_groups=2, epsilon=1e-6,
+    ...               reduction_axes=(0, 1, 3), dtype=None)
+    >>> ref = jax.vmap(lambda v: functional.group_norm(None, v[None], 2, 1e-6)[0],
+    ...                in_axes=2, out_axes=2)(x)
+    >>> bool(jnp.allclose(y, ref, atol=1e-6))
+    True
   """
   x = jnp.asarray(x)
   out = result_dtype(dtype, x, scale, bias)
-  start = reduction_start(x.ndim, reduction_axes)
+  layout = reduction_layout(x.ndim, reduction_axes)
   work = jnp.promote_types(x.dtype, out)
   if work != x.dtype:
     x = x.astype(work)
   shape = tuple(x.shape)
-  folded = shape if start == 1 else (math.prod(shape[:start]), *shape[start:])
   if mask is not None:
-    mask = _fold_mask(mask, shape, start)
+    mask = _fold_mask(mask, shape, layout)
+  # Kept axes that do not lead cost a transpose of x here and one of the
+  # output below (a copy each: XLA does not fold them into gnorm's
+  # reductions); leading ones cost nothing, the fold is a free reshape.
+  if layout.perm is not None:
+    x = x.transpose(layout.perm)
+  moved = tuple(x.shape)
+  kept = layout.n_kept
+  folded = moved if kept == 1 else (math.prod(moved[:kept]), *moved[kept:])
   params = {k: v for k, v in (("gamma", scale), ("beta", bias)) if v is not None}
   y = functional.group_norm(
       params or None, x.reshape(folded), num_groups, epsilon,
-      channel_axis=-1, mask=mask, axis_name=axis_name)
-  return y.reshape(shape).astype(out)
+      channel_axis=-1, mask=mask, axis_name=axis_name,
+      axis_index_groups=index_groups(axis_name, axis_index_groups)).reshape(moved)
+  if layout.perm is not None:
+    y = y.transpose(np.argsort(layout.perm))
+  return y.astype(out)

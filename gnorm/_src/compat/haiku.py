@@ -28,6 +28,10 @@ class _Layout(NamedTuple):
   n_kept: int  # how many leading axes of the transpose become gnorm's batch
   n_groups: int  # gnorm's group count
   channel_axis: int  # where the channels are, in x
+  # Haiku's groups axis reduced, not the channels within a group: each
+  # statistic covers channels j, j + C/G, ...; the transposed channels are
+  # then reordered so that those are contiguous (see ``_strided``).
+  strided: bool = False
 
 
 def _layout(axis: slice | tuple[int, ...], rank: int, channel_index: int, groups: int,
@@ -42,7 +46,9 @@ def _layout(axis: slice | tuple[int, ...], rank: int, channel_index: int, groups
   is how haiku treats them). This repeats that renumbering, then reads the
   reduced set: axes of ``x`` that are not reduced are folded into gnorm's
   batch axis, reduced ones stay as spatial axes, and the group count
-  follows from which channel axes are reduced.
+  follows from which channel axes are reduced: the groups axis alone
+  (haiku's ``-2`` channels last) makes ``C // G`` statistics of channels
+  ``G`` apart, which gnorm computes on the channels reordered (``strided``).
   """
   axes = tuple(range(rank))[axis] if isinstance(axis, slice) else tuple(axis)
   ch = rank - 1 if channel_index == -1 else 1
@@ -62,21 +68,27 @@ def _layout(axis: slice | tuple[int, ...], rank: int, channel_index: int, groups
   reduced = {r % (rank + 1) for r in renumbered}
   if len(reduced) != len(renumbered):
     raise ValueError(f"axis={axis!r} names the same axis twice (input rank {rank}).")
+  strided = False
   if g_axis in reduced and groups > 1:
-    if c_axis not in reduced and channels != groups:
-      raise ValueError(
-          f"axis={axis!r} with data_format channel index {channel_index} and input rank "
-          f"{rank} reduces over the groups axis but not within the groups: every "
-          f"statistic would mix channels {groups} apart, which gnorm (contiguous groups) "
-          "cannot express. Name the channel axis of x instead, or use the default axis.")
-    n_groups = 1
+    strided = c_axis not in reduced and channels != groups
+    n_groups = channels // groups if strided else 1
   elif c_axis in reduced:
     n_groups = groups
   else:
     n_groups = channels  # every channel on its own
   kept = tuple(a for a, r in where.items() if r not in reduced)
   summed = tuple(a for a, r in where.items() if r in reduced)
-  return _Layout(kept == (0,), (*kept, *summed, ch), len(kept), n_groups, ch)
+  return _Layout(kept == (0,) and not strided, (*kept, *summed, ch), len(kept), n_groups, ch,
+                 strided)
+
+
+def _strided(t: jax.Array, groups: int, inverse: bool = False) -> jax.Array:
+  """Reorders the last (channel) axis of ``t`` from haiku's ``(G, C/G)`` order
+  to ``(C/G, G)``, so that the channels ``G`` apart that one statistic covers
+  are contiguous for gnorm (``inverse``: back)."""
+  c = t.shape[-1]
+  split = (c // groups, groups) if inverse else (groups, c // groups)
+  return jnp.swapaxes(t.reshape(*t.shape[:-1], *split), -1, -2).reshape(t.shape)
 
 
 def _as_affine(p: jax.Array | None, shape: tuple[int, ...],
@@ -94,7 +106,7 @@ def _as_affine(p: jax.Array | None, shape: tuple[int, ...],
     return False
   varying = {i for i, d in enumerate(p.shape) if d != 1}
   if varying <= {ch}:
-    return jnp.broadcast_to(p.reshape(p.shape[ch]), (c,))
+    return jnp.broadcast_to(p.reshape(p.shape[ch]), (c,))  # reordered in _normalise
   if layout.direct and varying <= {0, ch} and p.shape[0] == shape[0]:
     return jnp.broadcast_to(p.reshape(shape[0], p.shape[ch]), (shape[0], c))
   return False
@@ -132,15 +144,15 @@ class GroupNorm(hk.Module):
     haiku's to rounding; on data with a large mean (N(100, 3^2)) they are
     closer to the exact result than haiku's channels last (haiku's strided
     reductions lose more digits there) and about as close channels first.
-  * ``axis``: any set haiku accepts works, as long as it does not reduce
-    over the groups axis without reducing within the groups (with channels
-    last, haiku's ``-2`` on rank >= 3 does that: each statistic would mix
-    channels ``groups`` apart). Such an ``axis`` raises a ``ValueError``
-    naming it when the layer is called. Axes of ``x`` that ``axis`` leaves
-    out are folded into gnorm's batch axis (e.g. time with
+  * ``axis``: any set haiku accepts works. Axes of ``x`` that ``axis``
+    leaves out are folded into gnorm's batch axis (e.g. time with
     ``slice(2, None)`` on ``(N, T, C)``; this costs a transpose of ``x`` and
     of the output unless ``axis`` is every axis but the first), and leaving
     the channel axis out normalises each channel on its own, as in haiku.
+    An ``axis`` that reduces over haiku's groups axis but not within the
+    groups (channels last, haiku's ``-2`` on rank >= 3) makes statistics of
+    the channels ``groups`` apart; gnorm computes them on the channels
+    reordered, a transpose of ``x`` and of the output.
     ``self.axis`` keeps the value given (haiku renumbers it for its reshaped
     input on the first call). An out-of-range entry
     raises ``numpy.exceptions.AxisError`` (a ``ValueError`` and an
@@ -279,8 +291,7 @@ class GroupNorm(hk.Module):
     Raises:
       ValueError: rank 1, a rank different from the first call's, ``scale`` or
         ``offset`` given while the module creates it, ``groups`` not
-        dividing the channels, an ``axis`` gnorm cannot express (see the
-        class docstring), or a bad ``eps``.
+        dividing the channels, or a bad ``eps``.
       IndexError: an input without a channel axis for ``data_format``.
     """
     x = jnp.asarray(x)
@@ -340,7 +351,13 @@ class GroupNorm(hk.Module):
     if layout.direct:
       return group_norm(params, x, layout.n_groups, self.eps, channel_axis=layout.channel_axis)
     xt = x.transpose(layout.perm)
+    if layout.strided:  # a per-channel gamma/beta (_as_affine) is reordered alike
+      xt = _strided(xt, self.groups)
+      params = None if params is None else {
+          k: _strided(v, self.groups) for k, v in params.items()}
     k = layout.n_kept
     flat = xt.reshape((math.prod(xt.shape[:k]), *xt.shape[k:]))
-    y = group_norm(params, flat, layout.n_groups, self.eps, channel_axis=-1)
-    return y.reshape(xt.shape).transpose(np.argsort(layout.perm))
+    y = group_norm(params, flat, layout.n_groups, self.eps, channel_axis=-1).reshape(xt.shape)
+    if layout.strided:
+      y = _strided(y, self.groups, inverse=True)
+    return y.transpose(np.argsort(layout.perm))

@@ -44,15 +44,17 @@ class GroupNorm(nn.Module):
     computed in at least float32 (flax's default is the one-pass
     ``E[x^2] - E[x]^2``, which loses digits when the mean is large against
     the spread).
-  * ``reduction_axes`` must be a contiguous block of axes ending at the
-    feature (last) axis, such as flax's default (every axis but the first),
-    ``(-3, -2, -1)`` with extra leading batch axes, or every axis for
-    unbatched input. Other sets, such as ``(1, 3)`` on rank 4, raise a
-    ``ValueError`` naming them.
-  * ``axis_index_groups`` other than None raises a ``ValueError``: gnorm
-    combines statistics over every shard of ``axis_name``. With a mask,
-    shards with unequal counts are combined exactly (flax averages the
-    shards' means).
+  * ``reduction_axes``: every set flax accepts works, with flax's
+    statistics (the axes left out are kept, each index of them with
+    statistics of its own). Kept axes that are not the leading ones, such
+    as axis 2 of ``reduction_axes=(0, 1, 3, 4)`` on rank 5, are moved to
+    the front first: a transpose of ``x`` and of the output, which flax
+    does not need (docs/drop_ins.md gives its cost).
+  * ``axis_index_groups`` combines statistics within each group of
+    devices, as flax's ``lax.pmean`` does, exactly (Chan's formula) also
+    with a mask that leaves shards with unequal counts (flax averages the
+    shards' means); as in flax it is ignored without ``axis_name``. JAX
+    runs it in ``shard_map`` and ``pmap``, not under ``vmap``.
   * A non-int ``num_groups`` raises ``ValueError`` (flax asserts), a
     ``group_size`` of 0 ``ValueError`` (flax divides by zero), complex input
     ``TypeError`` and a negative or non-finite ``epsilon`` ``ValueError``.
@@ -74,7 +76,8 @@ class GroupNorm(nn.Module):
       axis; default: every axis but the first.
     axis_name: a mesh axis name: inside ``shard_map`` or ``pmap`` the
       statistics cover the shards along it.
-    axis_index_groups: must be None.
+    axis_index_groups: with ``axis_name``: groups of its indices, such as
+      ``[[0, 1], [2, 3]]``; statistics within each group.
     use_fast_variance: accepted, no effect.
     force_float32_reductions: accepted, no effect.
 
@@ -135,10 +138,9 @@ class GroupNorm(nn.Module):
       of ``x``'s and the parameters' dtypes).
     """
     x = jnp.asarray(x)
-    flax_common.reduction_start(x.ndim, self.reduction_axes)
+    flax_common.reduction_layout(x.ndim, self.reduction_axes)
     channels = x.shape[-1]
     num_groups = flax_common.resolve_groups(self.num_groups, self.group_size, channels)
-    flax_common.check_axis_index_groups(self.axis_index_groups)
     scale = bias = None
     if self.use_scale:
       scale = self.param("scale", self.scale_init, (channels,), self.param_dtype)
@@ -147,4 +149,4 @@ class GroupNorm(nn.Module):
     return flax_common.normalize(
         x, scale, bias, num_groups=num_groups, epsilon=self.epsilon,
         reduction_axes=self.reduction_axes, dtype=self.dtype, mask=mask,
-        axis_name=self.axis_name)
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)

@@ -15,6 +15,7 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 from flax.typing import PromoteDtypeFn
 
+from gnorm._src import validation
 from gnorm._src.compat import flax_common
 
 
@@ -48,17 +49,22 @@ class GroupNorm(nnx.Module):
     always the exact two-pass ones, in at least float32 (flax's default is
     the one-pass ``E[x^2] - E[x]^2``, which loses digits when the mean is
     large against the spread).
-  * ``reduction_axes`` must be a contiguous block of axes ending at the
-    feature (last) axis; other sets, such as ``(1, 3)`` on rank 4, raise a
-    ``ValueError`` naming them. Extra leading batch axes (for example
-    ``reduction_axes=(-3, -2, -1)`` on ``(B1, B2, H, W, C)``) are normalised
-    per sample, as ``flax.linen.GroupNorm`` does (``flax.nnx.GroupNorm``
-    0.12 mixes the statistics of different samples there), and unbatched
-    input (every axis reduced) works (``flax.nnx`` raises).
-  * ``axis_index_groups`` other than None raises a ``ValueError`` here, in
-    the constructor: gnorm combines statistics over every shard of
-    ``axis_name``. With a mask, shards with unequal counts are combined
-    exactly (flax averages the shards' means).
+  * ``reduction_axes``: every set flax accepts works, with
+    ``flax.linen.GroupNorm``'s statistics (the axes left out are kept, each
+    index of them with statistics of its own). Kept axes that are not the
+    leading ones, such as axis 2 of ``reduction_axes=(0, 1, 3, 4)`` on rank
+    5, are moved to the front first: a transpose of ``x`` and of the output
+    (docs/drop_ins.md gives its cost). With more than one kept axis (for
+    example ``reduction_axes=(-3, -2, -1)`` on ``(B1, B2, H, W, C)``)
+    ``flax.nnx.GroupNorm`` 0.12 mixes the statistics of different samples,
+    and it raises on unbatched input (every axis reduced); the drop-in gives
+    ``flax.linen``'s answer in both cases.
+  * ``axis_index_groups`` combines statistics within each group of
+    devices, as flax's ``lax.pmean`` does, exactly (Chan's formula) also
+    with a mask that leaves shards with unequal counts (flax averages the
+    shards' means); as in flax it is ignored without ``axis_name``. With
+    ``axis_name``, a bad value raises here, in the constructor, naming it.
+    JAX runs it in ``shard_map`` and ``pmap``, not under ``vmap``.
   * An input whose last axis is not ``num_features`` raises a ``TypeError``
     naming both (flax fails in a reshape, also with a ``TypeError``); a
     ``group_size`` of 0 raises ``ValueError`` (flax divides by zero),
@@ -83,7 +89,8 @@ class GroupNorm(nnx.Module):
       axis; default: every axis but the first.
     axis_name: a mesh axis name: inside ``shard_map`` or ``pmap`` the
       statistics cover the shards along it.
-    axis_index_groups: must be None.
+    axis_index_groups: with ``axis_name``: groups of its indices, such as
+      ``[[0, 1], [2, 3]]``; statistics within each group. Kept as given.
     use_fast_variance: accepted, no effect.
     promote_dtype: ``f((x, scale, bias), dtype=...)`` returning the three
       cast to a common dtype, applied before normalising (flax's default).
@@ -136,7 +143,9 @@ class GroupNorm(nnx.Module):
     self.feature_axis = -1
     self.num_groups = flax_common.resolve_groups(num_groups, group_size, num_features)
     self.group_size = num_features // self.num_groups
-    flax_common.check_axis_index_groups(axis_index_groups)
+    # flax checks nothing here; a bad value would fail inside its pmean.
+    validation.check_axis_index_groups(flax_common.index_groups(axis_name, axis_index_groups),
+                                       axis_name)
     shape = (num_features,)
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
@@ -178,11 +187,11 @@ class GroupNorm(nnx.Module):
       raise TypeError(
           f"the input of shape {x.shape} must have num_features={features} "
           "channels on its last axis.")
-    flax_common.reduction_start(x.ndim, self.reduction_axes)
+    flax_common.reduction_layout(x.ndim, self.reduction_axes)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
     return flax_common.normalize(
         x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
         reduction_axes=self.reduction_axes, dtype=self.dtype, mask=mask,
-        axis_name=self.axis_name)
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
