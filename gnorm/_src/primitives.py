@@ -34,7 +34,6 @@ plain JAX (``derivative.py``).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,164 +44,9 @@ from jax.interpreters import batching
 from jax.interpreters import mlir
 
 from gnorm._src import backends
+from gnorm._src import lowerings
 from gnorm._src import maths
 from gnorm._src.backends import pallas_support
-from gnorm._src.backends import tuning
-from gnorm._src.backends import xla_gpu
-from gnorm._src.backends import xla_gpu_vjp
-
-
-class Spec(NamedTuple):
-  """The primitives' static parameters: which optional operands are present."""
-
-  cfg: maths.Config
-  has_gamma: bool
-  has_beta: bool  # beta is an operand (the linear maps need it only under an activation)
-  has_mask: bool
-  has_count: bool
-  plan: str  # "auto", "xla" or "xla:gpu"
-  # The linear maps: beta's (shape, dtype name) when there is a beta at all,
-  # operand or not: its tangent and cotangent have that aval.
-  beta_aval: tuple | None = None
-
-  def beta_like(self):
-    """A stand-in for beta with its shape and dtype (``None`` without beta)."""
-    if self.beta_aval is None:
-      return None
-    shape, dtype = self.beta_aval
-    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-
-  def inputs(self, ops):
-    """``forward_p``'s operands: ``(x, gamma, beta, mask)``, ``None`` where absent."""
-    it = iter(ops)
-    x = next(it)
-    return (x, *[next(it) if present else None
-                 for present in (self.has_gamma, self.has_beta, self.has_mask)])
-
-  def residuals(self, ops):
-    """``(x, gamma, beta, mask, count, mean, rstd)`` (``None`` where absent)
-    and the remaining operands."""
-    it = iter(ops)
-    x = next(it)
-    got = [next(it) if present else None
-           for present in (self.has_gamma, self.has_beta, self.has_mask, self.has_count)]
-    return (x, *got, next(it), next(it)), list(it)
-
-
-def _pack(spec: Spec, x, gamma, beta, mask, count, mean, rstd) -> list:
-  present = (True, spec.has_gamma, spec.has_beta, spec.has_mask, spec.has_count, True, True)
-  return [a for a, p in zip((x, gamma, beta, mask, count, mean, rstd), present, strict=True) if p]
-
-
-def _tangent_plain(spec: Spec, *ops):
-  res, (tx, *rest) = spec.residuals(ops)
-  it = iter(rest)
-  tgamma = next(it) if spec.has_gamma else None
-  tbeta = next(it) if spec.beta_aval is not None else None
-  return backends.per_platform(_tangent_fn(), spec.cfg)(*res, tx, tgamma, tbeta)
-
-
-def _tangent_fn():
-  from gnorm._src import derivative  # noqa: PLC0415 - derivative imports this module
-
-  return derivative.tangent
-
-
-def _transposed_tangent(spec: Spec, *ops):
-  """The cotangent map as JAX's transpose of the tangent map."""
-  res, (ct,) = spec.residuals(ops)
-  x, gamma = res[0], res[1]
-  avals = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
-  avals += [jax.ShapeDtypeStruct(p.shape, p.dtype)
-            for p in (gamma, spec.beta_like()) if p is not None]
-  tangent = functools.partial(_tangent_plain, spec, *_pack(spec, *res))
-  # jax.checkpoint, as the rule had before it was a primitive: its barriers
-  # keep the backward's recomputations of x - mean apart, which makes this
-  # the very program XLA:CPU compiled before (checked op by op).
-  return jax.linear_transpose(jax.checkpoint(tangent), *avals)(ct)
-
-
-def _closed_form(spec: Spec, *ops):
-  """The cotangent map in closed form (``xla_gpu_vjp.py``)."""
-  (x, gamma, beta, mask, count, mean, rstd), (ct,) = spec.residuals(ops)
-  beta = spec.beta_like() if beta is None else beta  # only its shape and dtype, then
-  dx, dgamma, dbeta = xla_gpu_vjp.cotangent(spec.cfg, x, gamma, beta, mask, count, mean, rstd, ct)
-  return (dx, *[d for d in (dgamma, dbeta) if d is not None])
-
-
-def _forward_xla(spec: Spec, *ops):
-  x, gamma, beta, mask = spec.inputs(ops)
-  y, stats = maths.forward(backends.hints(), spec.cfg, x, gamma, beta, mask)
-  return (y, *stats)
-
-
-def _forward_gpu(spec: Spec, *ops):
-  x, gamma, beta, mask = spec.inputs(ops)
-  y, stats = maths.forward(backends.DEFAULT, spec.cfg, x, gamma, beta, mask, plan=xla_gpu.moments)
-  return (y, *stats)
-
-
-def _forward_pallas(spec: Spec, *ops, interpret: bool, chosen=None):
-  from gnorm._src.backends import pallas  # noqa: PLC0415 - Triton loads on demand
-
-  x, gamma, beta, _ = spec.inputs(ops)
-  y, stats = pallas.forward(spec.cfg, x, gamma, beta, interpret=interpret, chosen=chosen)
-  return (y, *stats)
-
-
-def _cotangent_pallas(spec: Spec, *ops, interpret: bool, chosen=None):
-  from gnorm._src.backends import pallas  # noqa: PLC0415 - Triton loads on demand
-
-  (x, gamma, beta, mask, count, mean, rstd), (ct,) = spec.residuals(ops)
-  beta = spec.beta_like() if beta is None else beta
-  dx, dgamma, dbeta = pallas.cotangent(spec.cfg, x, gamma, beta, mask, count, mean, rstd, ct,
-                                       interpret=interpret, chosen=chosen)
-  return (dx, *[d for d in (dgamma, dbeta) if d is not None])
-
-
-# Each function by reduction plan, and by Pallas kernels (compiled by Triton
-# on CUDA, in Pallas's interpreter elsewhere); "auto" resolves per platform.
-_FORWARD = {"xla": _forward_xla, "xla:gpu": _forward_gpu, "pallas": _forward_pallas}
-_COTANGENT = {"xla": _transposed_tangent, "xla:gpu": _closed_form, "pallas": _cotangent_pallas}
-
-
-def _plain(table, spec: Spec, *ops, platform_plan: str = "xla", platform: str | None = None):
-  """``table``'s function for ``spec``; ``platform``: where it is being lowered (None: any,
-  as for higher derivatives, which take the XLA maths also for the Pallas kernels).
-
-  ``implementation="pallas"`` lowers the kernels: compiled by Triton on CUDA
-  (with the tiles the tuning table measured fastest on this GPU, if any), in
-  Pallas's interpreter elsewhere. ``"auto"`` lowers them on CUDA where the
-  tuning table measured them faster than XLA on this GPU, the XLA plan
-  everywhere else.
-  """
-  impl = spec.cfg.implementation
-  if platform is not None and impl != "xla":
-    use, block = impl == "pallas", None
-    if platform == "cuda":
-      use, block = _tuned(spec, ops[0], table is _FORWARD, impl)
-    if use:
-      return tuple(table["pallas"](spec, *ops, interpret=platform != "cuda", chosen=block))
-  plan = platform_plan if spec.plan == "auto" else spec.plan
-  return tuple(table[plan](spec, *ops))
-
-
-def _tuned(spec: Spec, x, forward: bool, impl: str):
-  """``(use the kernels?, their tiles)`` for this call on this process's GPU,
-  from the tuning table (no GPU, as when lowering for CUDA on a CPU host: the
-  kernels only if asked for, with their heuristic tiles)."""
-  v = maths.view(x.shape, spec.cfg.channel_axis)
-  args = (tuning.gpu_device_kind(), jnp.dtype(x.dtype).name, v.c_pos == 2, v.shape[0],
-          v.spatial_size, v.channels, spec.cfg.n_groups)
-  if impl == "pallas":
-    blocks = tuning.blocks_for(*args)
-    return True, None if blocks is None else (blocks.forward if forward else blocks.backward)
-  choice = tuning.choose(*args)
-  return choice.implementation == "pallas", choice.forward if forward else choice.backward
-
-
-_forward_plain = functools.partial(_plain, _FORWARD)
-_cotangent_plain = functools.partial(_plain, _COTANGENT)
 
 forward_p = Primitive("gnorm_forward")
 forward_p.multiple_results = True
@@ -265,10 +109,10 @@ def _register_lowerings(p, plain, multiple_results: bool) -> None:
                            platform=platform)
 
 
-_register_lowerings(forward_p, _forward_plain, multiple_results=True)
-_register_lowerings(tangent_p, lambda spec, *ops, **_: (_tangent_plain(spec, *ops),),
+_register_lowerings(forward_p, lowerings.forward_plain, multiple_results=True)
+_register_lowerings(tangent_p, lambda spec, *ops, **_: (lowerings.tangent_plain(spec, *ops),),
                     multiple_results=False)
-_register_lowerings(cotangent_p, _cotangent_plain, multiple_results=True)
+_register_lowerings(cotangent_p, lowerings.cotangent_plain, multiple_results=True)
 
 
 def _tangent_transpose(ct, *ops, spec):
@@ -278,7 +122,7 @@ def _tangent_transpose(ct, *ops, spec):
   if type(ct) is ad.Zero:
     cts = [None] * len(lin)
   else:
-    cts = cotangent_p.bind(*_pack(spec, *res), ct, spec=spec)
+    cts = cotangent_p.bind(*lowerings.pack(spec, *res), ct, spec=spec)
   return [None] * (len(ops) - len(lin)) + [c if ad.is_undefined_primal(t) else None
                                            for c, t in zip(cts, lin, strict=True)]
 
@@ -289,7 +133,7 @@ def _cotangent_transpose(cts, *ops, spec):
       ad.is_undefined_primal(a) for a in res if a is not None):
     raise NotImplementedError("group_norm's cotangent map is linear in its cotangent only")
   cts = [ad.instantiate_zeros(c) for c in cts]
-  return [None] * (len(ops) - 1) + [tangent_p.bind(*_pack(spec, *res), *cts, spec=spec)]
+  return [None] * (len(ops) - 1) + [tangent_p.bind(*lowerings.pack(spec, *res), *cts, spec=spec)]
 
 
 ad.primitive_transposes[tangent_p] = _tangent_transpose
@@ -314,9 +158,9 @@ def _jvp_rule(plain, primals, tangents, *, spec):
 
 # The forward's higher derivatives are maths.py's (the GPU plan's sums are
 # the same function, and jvp-ing its reductions would only be slower).
-ad.primitive_jvps[forward_p] = functools.partial(_jvp_rule, _forward_xla)
-ad.primitive_jvps[tangent_p] = functools.partial(_jvp_rule, _tangent_plain)
-ad.primitive_jvps[cotangent_p] = functools.partial(_jvp_rule, _cotangent_plain)
+ad.primitive_jvps[forward_p] = functools.partial(_jvp_rule, lowerings.forward_xla)
+ad.primitive_jvps[tangent_p] = functools.partial(_jvp_rule, lowerings.tangent_plain)
+ad.primitive_jvps[cotangent_p] = functools.partial(_jvp_rule, lowerings.cotangent_plain)
 
 
 def _fold(a, d, size: int, n: int, share: bool):
@@ -387,26 +231,27 @@ def _batch(p, plain, args, dims, *, spec):
   return unfolded, [0] * len(unfolded)
 
 
-batching.primitive_batchers[forward_p] = functools.partial(_batch, forward_p, _forward_plain)
-batching.primitive_batchers[tangent_p] = functools.partial(_batch, tangent_p, _tangent_plain)
-batching.primitive_batchers[cotangent_p] = functools.partial(_batch, cotangent_p, _cotangent_plain)
+for _p, _plain in ((forward_p, lowerings.forward_plain), (tangent_p, lowerings.tangent_plain),
+                   (cotangent_p, lowerings.cotangent_plain)):
+  batching.primitive_batchers[_p] = functools.partial(_batch, _p, _plain)
 
 
 def tangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, tx, tgamma, tbeta):
   """``derivative.tangent``'s value, through ``tangent_p``."""
   # beta enters the maps only through the activation's derivative: without
   # one, reverse mode need not keep it (its cotangent needs only its aval).
-  spec = Spec(cfg, gamma is not None, beta is not None and cfg.activation is not None,
-              mask is not None, count is not None, backends.plan(),
-              None if beta is None else (tuple(beta.shape), jnp.dtype(beta.dtype).name))
-  ops = _pack(spec, x, gamma, beta if spec.has_beta else None, mask, count, mean, rstd)
+  spec = lowerings.Spec(cfg, gamma is not None, beta is not None and cfg.activation is not None,
+                        mask is not None, count is not None, backends.plan(),
+                        None if beta is None else (tuple(beta.shape), jnp.dtype(beta.dtype).name))
+  ops = lowerings.pack(spec, x, gamma, beta if spec.has_beta else None, mask, count, mean, rstd)
   ops += [tx] + [t for t in (tgamma, tbeta) if t is not None]
   return tangent_p.bind(*ops, spec=spec)
 
 
 def forward(cfg: maths.Config, x, gamma, beta, mask):
   """``(y, (count, mean, rstd))`` by each platform's plan, through ``forward_p``."""
-  spec = Spec(cfg, gamma is not None, beta is not None, mask is not None, False, backends.plan())
+  spec = lowerings.Spec(cfg, gamma is not None, beta is not None, mask is not None, False,
+                        backends.plan())
   ops = [a for a in (x, gamma, beta, mask) if a is not None]
   y, count, mean, rstd = forward_p.bind(*ops, spec=spec)
   return y, (count, mean, rstd)
