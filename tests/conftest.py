@@ -16,6 +16,20 @@ hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
   hypothesis.settings.load_profile("ci")
 
+# In CI no test may skip: a skip there hides a missing dependency or platform.
+_CI = bool(os.environ.get("CI"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Under ``CI``, a skipped test is reported as failed, with its reason."""
+  report = (yield).get_result()
+  if _CI and report.skipped and not hasattr(report, "wasxfail"):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    report.outcome = "failed"
+    report.longrepr = f"{item.nodeid} skipped in CI, where no test may skip: {reason}"
+
+
 # Implicit rank promotion hides shape bugs; make it an error everywhere.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

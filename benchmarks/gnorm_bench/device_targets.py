@@ -88,21 +88,25 @@ def _verdict(failing: list, missing: list, n_measured: int, what: str):
   return True, ""
 
 
-def ratio_every(cases, subject: str, other: str, d: str, thr: float, strict: bool = False):
-  """``net(other) / net(subject) >= thr`` (``>`` if strict) on every case of ``cases``."""
-  ratios, failing, missing, n_wrong = [], [], [], 0
+def _ratios(cases, subject: str, other: str, d: str):
+  """``([(net(other) / net(subject), label)], [not measured], [WRONG outputs])`` over ``cases``."""
+  ratios, missing, bad = [], [], []
   for c in cases:
     a, b = net(c, other, d), net(c, subject, d)
     if a is None or b is None:
       missing.append(c["label"])
     elif wrong(c, subject):
-      failing.append(f"{c['label']} WRONG")
-      n_wrong += 1
+      bad.append(f"{c['label']} WRONG")
     else:
-      r = a / b
-      ratios.append((r, c["label"]))
-      if r < thr or (strict and r == thr):
-        failing.append(f"{c['label']} {r:.2f}x")
+      ratios.append((a / b, c["label"]))
+  return ratios, missing, bad
+
+
+def ratio_every(cases, subject: str, other: str, d: str, thr: float, strict: bool = False):
+  """``net(other) / net(subject) >= thr`` (``>`` if strict) on every case of ``cases``."""
+  ratios, missing, failing = _ratios(cases, subject, other, d)
+  n_wrong = len(failing)
+  failing += [f"{label} {r:.2f}x" for r, label in ratios if r < thr or (strict and r == thr)]
   met, note = _verdict(failing, missing, len(ratios) + n_wrong, f"{other}/{subject}")
   if not ratios:
     return met, None, "WRONG" if failing else "", "; ".join(failing + [note])
@@ -117,15 +121,8 @@ def ratio_every(cases, subject: str, other: str, d: str, thr: float, strict: boo
 
 def ratio_geomean(cases, subject: str, other: str, d: str, thr: float):
   """The geometric mean over ``cases`` of ``net(other) / net(subject)`` >= ``thr``."""
-  ratios, missing, bad = [], [], []
-  for c in cases:
-    a, b = net(c, other, d), net(c, subject, d)
-    if a is None or b is None:
-      missing.append(c["label"])
-    elif wrong(c, subject):
-      bad.append(f"{c['label']} WRONG")
-    else:
-      ratios.append(a / b)
+  pairs, missing, bad = _ratios(cases, subject, other, d)
+  ratios = [r for r, _ in pairs]
   gm = geomean(ratios)
   if bad:
     return False, gm, "WRONG outputs", "; ".join(bad)
