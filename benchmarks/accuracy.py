@@ -15,6 +15,7 @@ by default, so its errors do not.
 from __future__ import annotations
 
 import argparse
+import datetime
 import pathlib
 import sys
 
@@ -25,6 +26,8 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from gnorm_bench import machine  # noqa: E402  (benchmarks/ is the script's directory)
 
 import gnorm  # noqa: E402
 from gnorm._src import backends  # noqa: E402
@@ -84,11 +87,18 @@ def main(argv=None):
     cells = " | ".join(f"{e:.2e}" for e in ours)
     lines.append(f"| {name} | {cells} | {theirs:.2e} | {dt_ours} / {dt_theirs} |")
   table = "\n".join(lines)
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}; max absolute error\n")
+  device = jax.devices()[0]
+  where = device.platform + ("" if device.device_kind == device.platform
+                             else f" ({device.device_kind})")
+  header = (f"Max absolute error; measured {datetime.date.today().isoformat()} on"
+            f" {where}, jax {jax.__version__},"
+            f" gnorm {machine.gnorm_version()} at commit {machine.git_revision(ROOT)}"
+            " (`python benchmarks/accuracy.py`).")
+  print(header + "\n")
   print(table)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "accuracy.md").write_text(table + "\n")
+  (out / "accuracy.md").write_text(header + "\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

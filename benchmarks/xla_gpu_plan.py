@@ -36,12 +36,12 @@ import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 from gnorm_bench import hlo_structure
+from gnorm_bench import machine
 from gnorm_bench.cases import Case
 from gnorm_bench.impls_jax import fn_flax
 from gnorm_bench.impls_jax import fn_flax_silu
@@ -50,10 +50,10 @@ from gnorm_bench.impls_jax import fn_gnorm_fused
 from gnorm_bench.impls_jax import fn_gnorm_pallas
 from gnorm_bench.impls_jax import fn_gnorm_pallas_fused
 
-import gnorm
 from gnorm._src import backends
 
-_OUT = pathlib.Path(__file__).resolve().parent / "results"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_OUT = ROOT / "benchmarks" / "results"
 GPU_SHAPES = ((2, 64, 64, 320), (2, 32, 32, 640), (2, 16, 16, 1280), (8, 56, 56, 256),
               (16, 64, 64, 320), (32, 32, 32, 640), (1, 512, 512, 128))
 QUICK_SHAPES = ((2, 8, 8, 64),)
@@ -135,8 +135,9 @@ def run(shapes, deviceless: str | None, out: pathlib.Path) -> dict:
   """Compiles and reads every program; rewrites the reports after each case, so that a run
   stopped early (a time limit) leaves what it had."""
   compile_, target = _compiler(deviceless)
-  results = {"target": target, "jax": jax.__version__, "gnorm": gnorm.__version__,
-             "commit": _commit(), "date": datetime.date.today().isoformat(), "rows": []}
+  results = {"target": target, "jax": jax.__version__, "gnorm": machine.gnorm_version(),
+             "commit": machine.git_revision(ROOT),
+             "date": datetime.date.today().isoformat(), "rows": []}
   for dtype in ("bfloat16", "float32"):
     for shape in shapes:
       case = Case(shape, 32, dtype)
@@ -158,19 +159,6 @@ def _write(results: dict, out: pathlib.Path) -> None:
   out.mkdir(parents=True, exist_ok=True)
   (out / "xla_gpu_plan.json").write_text(json.dumps(results, separators=(",", ":")))
   (out / "xla_gpu_plan.md").write_text(to_markdown(results))
-
-
-def _commit() -> str:
-  """The source tree's git commit ("dirty" when it has changes), or "unknown"."""
-  root = pathlib.Path(__file__).resolve().parents[1]
-  try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
-                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "gnorm"], cwd=root,
-                           check=True, capture_output=True, text=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  return head + ("+dirty" if dirty else "")
 
 
 def to_markdown(results: dict) -> str:

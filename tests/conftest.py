@@ -30,6 +30,17 @@ def pytest_runtest_makereport(item, call):
     report.longrepr = f"{item.nodeid} skipped in CI, where no test may skip: {reason}"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto`` (pytest-xdist): one worker per core, at most 8.
+
+  Each worker imports JAX and compiles its own programs; beyond 8 the start-up
+  and memory of more workers buy little for a suite of this size.
+  """
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(8, cores or 1))
+
+
 # Implicit rank promotion hides shape bugs; make it an error everywhere.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

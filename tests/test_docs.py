@@ -81,7 +81,7 @@ def test_readme_links_to_pages_that_exist():
 
 def test_ci_runs_the_readme_test_command():
   readme = (ROOT / "README.md").read_text()
-  command = 'pip install -e ".[test]" && python -m pytest'
+  command = 'pip install -e ".[test]" && python -m pytest -n auto'
   assert command in readme
   assert command in (ROOT / ".ci" / "run").read_text()
 

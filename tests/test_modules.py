@@ -157,7 +157,8 @@ def test_beta_forms(x):
 
 @pytest.mark.parametrize("init", [
     gnorm.init.Normal(), gnorm.init.Normal(1.0, 0.02), gnorm.init.Uniform(),
-    gnorm.init.Uniform(-1.0, 1.0), jax.nn.initializers.normal(0.1),
+    gnorm.init.Uniform(-1.0, 1.0),
+    pytest.param(jax.nn.initializers.normal(0.1), id="jax.nn.initializers.normal(0.1)"),
 ], ids=repr)
 def test_random_initializers(x, init):
   layer = gnorm.GroupNorm(4, gamma=init, beta=init)

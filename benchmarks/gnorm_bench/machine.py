@@ -82,6 +82,14 @@ def git_revision(root: pathlib.Path) -> str:
   return head + (" with uncommitted changes" if dirty else "")
 
 
+def gnorm_version() -> str:
+  """The installed gnorm's version, or "source tree" where it runs from ``PYTHONPATH``."""
+  try:
+    return importlib.metadata.version("gnorm")
+  except importlib.metadata.PackageNotFoundError:
+    return "source tree"
+
+
 def provenance(m: dict) -> str:
   """Which gnorm a run measured, for a report's header: its version and commit."""
   return f"gnorm {m['versions'].get('gnorm')} at commit {m.get('git', 'not recorded')}"
@@ -141,10 +149,7 @@ def machine_info(n_threads: int, torch_dev: str | None = None) -> dict:
       versions[dist] = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
       versions[dist] = None
-  try:
-    versions["gnorm"] = importlib.metadata.version("gnorm")
-  except importlib.metadata.PackageNotFoundError:
-    versions["gnorm"] = "source tree"
+  versions["gnorm"] = gnorm_version()
   info = {
     "cpu": _cpu_model(),
     "cores": n_threads,
