@@ -63,29 +63,27 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _json_default(o):
-  if hasattr(o, "item"):  # NumPy scalars
-    return o.item()
-  raise TypeError(type(o))
-
-
-def _load(path: pathlib.Path) -> dict | None:
+def _load(path: pathlib.Path) -> tuple[dict | None, str]:
+  """The results in ``path``, or None and why not (missing, or unreadable)."""
+  if not path.exists():
+    return None, f"no {path.name}"
   try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return None
+    return json.loads(path.read_text()), ""
+  except (OSError, ValueError) as e:
+    return None, f"{path.name} unreadable ({type(e).__name__}: {e})"
 
 
 def summarize(directory: str) -> int:
   """Prints every target of issues 19 and 20 from a GPU check's output directory."""
   d = pathlib.Path(directory)
-  bench, drop_in = _load(d / "gpu_bench.json"), _load(d / "drop_in.json")
+  bench, why_bench = _load(d / "gpu_bench.json")
+  drop_in, why_drop_in = _load(d / "drop_in.json")
   order = [tid for tid, _, _ in TARGETS]
   rows = kernel_targets(bench) if bench else []
   if not bench:
-    rows = [{"id": t, "met": None, "summary": "not measured (no gpu_bench.json)"}
+    rows = [{"id": t, "met": None, "summary": f"not measured ({why_bench})"}
             for t in order if not t.startswith(("19m", "20m"))]
-  rows += model_targets(drop_in, "no drop_in.json (drop_in.py did not finish)")
+  rows += model_targets(drop_in, f"{why_drop_in} (drop_in.py did not finish)")
   rows.sort(key=lambda r: order.index(r["id"]))
   print("Targets of issues 19 and 20 (met / NOT MET / n/a = not applicable or not decided):")
   for line in summary_lines(rows):
@@ -114,16 +112,13 @@ def main(argv: list[str] | None = None) -> int:
   for name, why in skipped.items():
     print(f"skipping {name}: {why}", file=sys.stderr)
   impls = [n for n in names if n not in skipped]
-  settings = (Settings.quick() if args.quick else Settings.gpu() if backend == "gpu"
-              else Settings.cpu())
+  settings = Settings.for_run(args.quick, backend)
   budget = args.budget_s if args.budget_s is not None else _BUDGET_S.get(backend, 600.0)
   clock = Budget(budget)  # the whole benchmark's: the setup below counts too
 
   torch_dev = "cuda" if set(impls) & set(TORCH_IMPLS) else None
   info = machine.machine_info(machine.threads(), torch_dev)
-  for dist in ("triton", "optax"):
-    info["versions"][dist] = machine.optional(dist) and getattr(
-      machine.optional(dist), "__version__", None)
+  info["versions"].update(machine.dist_versions(("triton", "optax")))
   results = {
     "machine": info,
     "settings": {**dataclasses.asdict(settings), "budget_s": budget, "quick": args.quick,
@@ -140,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
   def write(r: dict) -> None:
     r["targets"] = kernel_targets(r)
     md = to_markdown(r, command.strip())
-    (out / "gpu_bench.json").write_text(json.dumps(r, indent=1, default=_json_default))
+    machine.write_json(out / "gpu_bench.json", r)
     (out / "gpu_bench.md").write_text(md)
 
-  cfg = device_run.RunConfig(impls, skipped, settings, budget, args.quick, backend,
+  cfg = device_run.RunConfig(impls, settings, args.quick,
                              not args.no_progress, write, clock)
   device_run.run(cfg, results)
   info["loadavg_end"] = machine.loadavg()

@@ -30,15 +30,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import faulthandler
-import importlib.metadata
 import json
-import os
 import pathlib
 import platform
 import sys
 import time
 
 import jax
+import jaxlib.version
 from gnorm_bench import machine
 from gnorm_bench import sweep_plan
 from gnorm_bench.device_timing import Budget
@@ -130,9 +129,7 @@ def install(candidate: str, target: str) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   out = pathlib.Path(target)
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_text(json.dumps(merged, indent=1) + "\n")
-  os.replace(tmp, out)
+  machine.write_json(out, merged)
   tuning.clear_cache()
   tuning.load(out)
   replaced = sorted(new_kinds & {m["device_kind"] for m in current["measurements"]})
@@ -143,21 +140,11 @@ def install(candidate: str, target: str) -> int:
 
 
 def _versions() -> dict:
-  out = {}
-  for dist in _VERSIONS:
-    try:
-      out[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      out[dist] = None
-  out["jax"], out["jaxlib"] = jax.__version__, out["jaxlib"] or jax.__version__
+  out = machine.dist_versions(_VERSIONS)
+  # jaxlib's own module knows its version where its metadata is missing (a source build).
+  out["jax"], out["jaxlib"] = jax.__version__, out["jaxlib"] or jaxlib.version.__version__
   out["python"] = platform.python_version()
   return out
-
-
-def _json_default(o):
-  if hasattr(o, "item"):  # NumPy scalars
-    return o.item()
-  raise TypeError(type(o))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
   clock = Budget(budget_s)
   faulthandler.dump_traceback_later(budget_s + _WATCHDOG_GRACE_S, exit=True)
 
-  settings = (Settings.quick() if args.quick else Settings.gpu() if backend == "gpu"
-              else Settings.cpu())
+  settings = Settings.for_run(args.quick, backend)
   info = machine.machine_info(machine.threads())
   info["table_versions"] = _versions()
   case_list = sweep_plan.cases(args.quick, dtypes, layouts)
@@ -200,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
   out.mkdir(parents=True, exist_ok=True)
 
   def write(r: dict) -> None:
-    (out / "pallas_sweep.json").write_text(json.dumps(r, indent=1, default=_json_default))
+    machine.write_json(out / "pallas_sweep.json", r)
     (out / "pallas_sweep.md").write_text(to_markdown(r))
     table = sweep_plan.candidate_table(r)
     try:  # never write a table that fails, nor lose the measurements for it
@@ -208,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except tuning.TableError as e:
       print(f"error: the candidate table is not written: {e}", file=sys.stderr)
       return
-    (out / "tuning_table.json").write_text(json.dumps(table, indent=1) + "\n")
+    machine.write_json(out / "tuning_table.json", table)
 
   sweep = Sweep(case_list, settings, clock, results, write,
                 results["copy_bandwidth"]["gb_per_s"])

@@ -4,7 +4,7 @@ Usage::
 
   python benchmarks/xla_gpu_plan.py [--out DIR] [--deviceless h200] [--quick]
 
-For every case of the GPU case set (``gnorm_bench.cases.GPU_SHAPES`` in float32
+For every case of the GPU case set (``gnorm_bench.device_cases.GPU_SHAPES`` in float32
 and bfloat16), compiles the forward and the forward+backward (``jax.vjp``: y,
 dx, dgamma, dbeta) of: gnorm's default path, ``gnorm_prev`` (gnorm's previous
 GPU program: ``maths.py``'s plan, forced), gnorm's Pallas kernels,
@@ -43,6 +43,12 @@ import jax.numpy as jnp
 from gnorm_bench import hlo_structure
 from gnorm_bench import machine
 from gnorm_bench.cases import Case
+from gnorm_bench.device_cases import DTYPES
+from gnorm_bench.device_cases import GPU_SHAPES
+from gnorm_bench.device_cases import GROUPS
+from gnorm_bench.device_cases import QUICK_SHAPES
+from gnorm_bench.device_impls import plan_context
+from gnorm_bench.device_loop import fwdbwd_of
 from gnorm_bench.impls_jax import fn_flax
 from gnorm_bench.impls_jax import fn_flax_silu
 from gnorm_bench.impls_jax import fn_gnorm
@@ -50,13 +56,8 @@ from gnorm_bench.impls_jax import fn_gnorm_fused
 from gnorm_bench.impls_jax import fn_gnorm_pallas
 from gnorm_bench.impls_jax import fn_gnorm_pallas_fused
 
-from gnorm._src import backends
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _OUT = ROOT / "benchmarks" / "results"
-GPU_SHAPES = ((2, 64, 64, 320), (2, 32, 32, 640), (2, 16, 16, 1280), (8, 56, 56, 256),
-              (16, 64, 64, 320), (32, 32, 32, 640), (1, 512, 512, 128))
-QUICK_SHAPES = ((2, 8, 8, 64),)
 
 # An H200 as XLA's GPU compiler sees it (xla/stream_executor/device_description.proto).
 H200 = """
@@ -84,7 +85,7 @@ def _previous(make):
     f = make(case)
 
     def prev(*args):
-      with backends.forced_plan("xla"):
+      with plan_context("gnorm_prev"):
         return f(*args)
 
     return prev
@@ -101,14 +102,6 @@ IMPLS = {
     "pallas_silu": fn_gnorm_pallas_fused,
     "flax_silu": fn_flax_silu,
 }
-
-
-def _fwdbwd(f):
-  def fb(x, g, b, ct):
-    y, vjp = jax.vjp(f, x, g, b)
-    return (y, *vjp(ct.astype(y.dtype)))
-
-  return fb
 
 
 def _compiler(deviceless: str | None):
@@ -138,15 +131,15 @@ def run(shapes, deviceless: str | None, out: pathlib.Path) -> dict:
   results = {"target": target, "jax": jax.__version__, "gnorm": machine.gnorm_version(),
              "commit": machine.git_revision(ROOT),
              "date": datetime.date.today().isoformat(), "rows": []}
-  for dtype in ("bfloat16", "float32"):
+  for dtype in DTYPES:
     for shape in shapes:
-      case = Case(shape, 32, dtype)
+      case = Case(shape, GROUPS, dtype)
       x = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
       p = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
       x_bytes = math.prod(shape) * x.dtype.itemsize
       for name, make in IMPLS.items():
         f = make(case)
-        for direction, fn, args in (("fwd", f, (x, p, p)), ("fwdbwd", _fwdbwd(f), (x, p, p, x))):
+        for direction, fn, args in (("fwd", f, (x, p, p)), ("fwdbwd", fwdbwd_of(f), (x, x, p, p))):
           s = hlo_structure.summary(compile_(fn, *args), x_bytes)
           results["rows"].append({"case": case.label, "impl": name, "direction": direction, **s})
           print(f"{case.label:28s} {name:11s} {direction:7s} {s['kernels']:3d} kernels "

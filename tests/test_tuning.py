@@ -294,7 +294,8 @@ def test_sweep_plan_order_and_grid_check():
   first = items[:2 * len(cases)]
   assert [(i.index, i.block) for i in first[:2]] == [(0, None), (0, Block(64, 128, 0))]
   assert all(i.round == 0 for i in first) and items[2 * len(cases)].round == 1
-  assert len(items) == len(cases) * (1 + len(sweep_plan.CANDIDATES_LAST))
+  # Per case: its baselines, the heuristic's block, every other candidate.
+  assert len(items) == len(cases) * (2 + len(sweep_plan.CANDIDATES_LAST))
   quick = sweep_plan.cases(True)
   assert sweep_plan.candidates(quick[0], True) == [Block(64, 64, 0), Block(32, 32, 4)]
   text = "grid_x = 2 : i32, grid_y = 4 : i32, grid_z = 1 : i32"
@@ -311,7 +312,7 @@ def test_sweep_stops_at_its_budget_and_says_so():
   sweep.run(sweep_plan.work(sc, False))
   assert written and all(r["xla"] == {} and r["candidates"] == [] for r in results["cases"])
   reasons = [n["reason"] for n in results["not_swept"]]
-  assert len(reasons) == 2 * (1 + len(sweep_plan.CANDIDATES_LAST))
+  assert len(reasons) == 2 * (2 + len(sweep_plan.CANDIDATES_LAST))
   assert reasons[0].startswith("time budget: 0 s of 0 s left")
   assert "its baselines were not measured" in reasons
   assert sweep_plan.candidate_table({**results, **_fake_run()})["measurements"][0]["entries"] == []

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
 import time
-
-import numpy as np
 
 import gnorm_bench
 
@@ -24,12 +21,6 @@ from .run import run
 from .run import run_fused
 
 _RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
-
-
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  raise TypeError(type(o))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -179,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
   md = to_markdown(results, command.strip())
   with open(os.path.join(args.out, "latest.md"), "w") as fh:
     fh.write(md)
-  with open(os.path.join(args.out, "latest.json"), "w") as fh:
-    json.dump(results, fh, indent=1, default=_json_default)
+  machine.write_json(pathlib.Path(args.out) / "latest.json", results)
   png = to_png(results, os.path.join(args.out, "latest.png"))
   print(md)
   print(

@@ -3,6 +3,7 @@ target summary (the GPU run's reply shows only the end of its output)."""
 
 from __future__ import annotations
 
+from . import machine
 from .device_cases import ALL_IMPLS
 from .device_cases import TITLES
 from .device_targets import fmt_met
@@ -54,8 +55,7 @@ def _header(r: dict, command: str) -> list[str]:
     f"`{command}` — {m['date_utc']}, {r['wall_s']:.0f} s",
     "",
     f"Device: **{m['device']}** (JAX backend `{m['jax_backend']}`; torch: {torch}); host"
-    f" {m['cpu']}, {m['cores']} cores; Python {m['python']}; {vers}; gnorm {v.get('gnorm')}"
-    f" at commit {m.get('git', 'unknown')}.",
+    f" {m['cpu']}, {m['cores']} cores; Python {m['python']}; {vers}; {machine.provenance(m)}.",
     "",
   ]
 

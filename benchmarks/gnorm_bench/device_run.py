@@ -19,7 +19,6 @@ from . import device_accuracy
 from . import device_impls
 from . import device_profile
 from . import device_torch
-from .device_cases import DIRECTIONS
 from .device_cases import JAX_IMPLS
 from .device_cases import TORCH_IMPLS
 from .device_cases import DeviceCase
@@ -30,6 +29,7 @@ from .device_timing import Budget
 from .device_timing import Settings
 from .device_timing import estimate_call_s
 from .device_timing import loop_size
+from .timing import progress_bar
 
 # Expected seconds of an item before one like it ran (then: the last one's time). On a GPU
 # a JAX function compiles in ~0.5-2 s; torch.compile takes 5-30 s per graph, more at first.
@@ -42,14 +42,11 @@ _WRITE_EVERY_S = 3.0
 @dataclasses.dataclass
 class RunConfig:
   impls: list[str]  # to run, in any order (the plan orders them)
-  skipped: dict  # implementation -> why it does not run
   settings: Settings
-  budget_s: float
   quick: bool
-  backend: str
   progress: bool
   write: object  # write(results): the reports, also mid-run
-  budget: Budget | None = None  # started when the benchmark started; else at run()
+  budget: Budget  # the whole benchmark's, started when it started
 
 
 def _case_entry(case: DeviceCase) -> dict:
@@ -81,7 +78,7 @@ class Runner:
     results["not_measured"] = []
     self.observed = {}
     self.profile_runners = []
-    self.budget = cfg.budget or Budget(cfg.budget_s)
+    self.budget = cfg.budget
     self.last_write = 0.0
     self.copy_gb_s = results["copy_bandwidth"]["gb_per_s"]
     self.n_items = 0
@@ -145,7 +142,7 @@ class Runner:
     if not self.budget.allows(est + _RESERVE_S):
       self.results["not_measured"].append({
         "case": case.label, "impl": impl, "direction": direction,
-        "reason": f"time budget: {max(self.budget.left(), 0):.0f} s of {self.cfg.budget_s:.0f} s"
+        "reason": f"time budget: {max(self.budget.left(), 0):.0f} s of {self.budget.seconds:.0f} s"
                   f" left, ~{est:.0f} s needed and {_RESERVE_S:.0f} s kept for the reports",
       })
       return
@@ -182,16 +179,6 @@ class Runner:
       self.last_write = time.perf_counter()
 
 
-def _bar(total: int, progress: bool):
-  if not progress:
-    return None
-  try:
-    from tqdm import tqdm
-  except Exception:  # noqa: BLE001 - no tqdm: no bar
-    return None
-  return tqdm(total=total, desc="gpu bench", unit="item", file=sys.stderr)
-
-
 def run(cfg: RunConfig, results: dict) -> dict:
   """Measures every item of the plan that the budget allows, in order."""
   runner = Runner(cfg, results)
@@ -201,7 +188,7 @@ def run(cfg: RunConfig, results: dict) -> dict:
   # cut short by its budget still has it).
   last_traced = max((i for i, (c, impl, _) in enumerate(items)
                      if impl in ("gnorm", "flax") and _profile_case(c, cfg.quick)), default=-1)
-  bar = _bar(len(items), cfg.progress)
+  bar = progress_bar(len(items), "gpu bench", cfg.progress, unit="item")
   for i, (case, impl, direction) in enumerate(items):
     runner.run_item(case, impl, direction)
     if i == last_traced:
@@ -239,4 +226,4 @@ def skipped_impls(names: list[str], backend: str, explicit: set[str], quick: boo
   return why
 
 
-__all__ = ["DIRECTIONS", "RunConfig", "run", "skipped_impls"]
+__all__ = ["RunConfig", "run", "skipped_impls"]

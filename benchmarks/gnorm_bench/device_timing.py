@@ -53,6 +53,11 @@ class Settings:
   def quick() -> Settings:
     return Settings(2, 0.0, 5, 5, 0.0, 3, 1e-6, 16, 2)
 
+  @staticmethod
+  def for_run(quick: bool, backend: str) -> Settings:
+    """``quick()`` for a dry run, else ``gpu()`` on a GPU backend, ``cpu()`` elsewhere."""
+    return Settings.quick() if quick else Settings.gpu() if backend == "gpu" else Settings.cpu()
+
 
 def loop_size(est_call_s: float, s: Settings) -> tuple[int, int]:
   """``(n, u)``: loop iterations and calls per iteration for a call of about ``est_call_s``."""

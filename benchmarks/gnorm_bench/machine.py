@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import os
 import pathlib
 import platform
@@ -75,11 +76,37 @@ def git_revision(root: pathlib.Path) -> str:
                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
                             "--untracked-files=no"], capture_output=True, text=True,
-                           timeout=10).stdout.strip()
+                           timeout=10, check=True).stdout.strip()
   except Exception as e:  # noqa: BLE001 - a copy of the tree without .git, or no git
     given = os.environ.get("GNORM_GIT_REVISION")
     return f"{given} (GNORM_GIT_REVISION)" if given else f"unknown ({type(e).__name__})"
   return head + (" with uncommitted changes" if dirty else "")
+
+
+def dist_versions(dists) -> dict[str, str | None]:
+  """Each installed distribution's version, ``None`` where it is not installed."""
+  out: dict[str, str | None] = {}
+  for dist in dists:
+    try:
+      out[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      out[dist] = None
+  return out
+
+
+def json_default(o):
+  """``json.dump``'s ``default``: NumPy (and JAX) scalars as Python numbers."""
+  if hasattr(o, "item"):
+    return o.item()
+  raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def write_json(path: pathlib.Path, obj, indent: int | None = 1) -> None:
+  """Writes ``obj`` to ``path`` whole or not at all (a temporary file, then a
+  rename): a run stopped by a time limit while writing leaves the previous file."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=indent, default=json_default) + "\n")
+  os.replace(tmp, path)
 
 
 def gnorm_version() -> str:
@@ -143,12 +170,7 @@ def _cpu_model() -> str:
 
 def machine_info(n_threads: int, torch_dev: str | None = None) -> dict:
   """Host, backend, device, versions and environment, recorded with the results."""
-  versions = {}
-  for dist in _DISTS:
-    try:
-      versions[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      versions[dist] = None
+  versions = dist_versions(_DISTS)
   versions["gnorm"] = gnorm_version()
   info = {
     "cpu": _cpu_model(),

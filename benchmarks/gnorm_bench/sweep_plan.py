@@ -25,9 +25,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from gnorm._src.backends import pallas_triton
 from gnorm._src.backends import tuning
 from gnorm._src.backends.pallas_triton import Block
 
+from .device_cases import DTYPES
+from .device_cases import GROUPS
+from .device_cases import QUICK_SHAPES
 from .device_cases import DeviceCase
 
 # Pallas only where it beats XLA by this much: median device times of the loop form move
@@ -35,7 +39,6 @@ from .device_cases import DeviceCase
 # smaller gain could be noise; and a switch of implementation that gains less is not worth
 # what a wrong choice would cost. Raised to the measured spread where that is larger.
 MIN_SPEEDUP = 1.05
-GROUPS = 32
 # One shape per size class, from gpu_bench's GPU case set.
 SHAPE_OF_CLASS = {
   "1M-8M": (2, 64, 64, 320),  # 2.6M: SD UNet, 64x64 latents
@@ -44,13 +47,11 @@ SHAPE_OF_CLASS = {
   "<1M": (2, 16, 16, 1280),  # 655K: SD UNet, innermost
 }
 CLASS_ORDER = ("1M-8M", "8M-32M", ">=32M", "<1M")
-DTYPES = ("bfloat16", "float32")
-QUICK_SHAPE = (2, 8, 8, 64)
 
+# The candidates after the heuristic's block (``heuristic``), most likely to matter first.
 # Channels last: bc in {64, 128, 256} (C is contiguous: 128 bf16 = 256 B a row), 4K-16K
-# elements per block, 4 or 8 warps. Most likely to matter first.
+# elements per block, 4 or 8 warps.
 CANDIDATES_LAST = (
-  Block(64, 128, 0),  # the heuristic's tiles and warps
   Block(128, 64, 8),  # C = 320, 640, 1280 are whole multiples of 64 (bc 128 masks 17% at 320)
   Block(32, 256, 8),  # longer contiguous rows, half the row blocks
   Block(64, 128, 4),  # the heuristic's tiles, 4 warps
@@ -59,14 +60,13 @@ CANDIDATES_LAST = (
 )
 # Channels first (S contiguous): bs in {256, 512, 1024}, the same sizes and warps.
 CANDIDATES_FIRST = (
-  Block(512, 16, 0),  # the heuristic's
   Block(256, 32, 8),
   Block(1024, 8, 8),
   Block(512, 16, 4),
   Block(512, 32, 8),
   Block(256, 16, 4),
 )
-QUICK_CANDIDATES = (Block(64, 128, 0), Block(32, 32, 4))
+QUICK_CANDIDATES = (Block(32, 32, 4),)
 
 # Seconds each kind of work is expected to take on an H200 before one like it has run
 # (then: the last one's time). A program compiles in ~1 s there (a JAX function 0.5-2 s;
@@ -107,31 +107,37 @@ class SweepCase:
 def cases(quick: bool, dtypes=DTYPES, layouts=("last",)) -> list[SweepCase]:
   """The representatives, most important first (size class, then dtype, then layout)."""
   if quick:
-    return [SweepCase(DeviceCase(QUICK_SHAPE, "bfloat16", None, GROUPS), True)]
+    return [SweepCase(DeviceCase(QUICK_SHAPES[0], "bfloat16", None, GROUPS), True)]
   return [SweepCase(DeviceCase(SHAPE_OF_CLASS[k], d, None, GROUPS), layout == "last")
           for k in CLASS_ORDER for layout in layouts for d in dtypes]
 
 
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+def _tiling(sc: SweepCase, b: Block | None) -> pallas_triton.Tiling:
+  n, s, c = sc.view
+  return pallas_triton.tiling(n, s, c, sc.channels_last, b)
+
+
+def heuristic(sc: SweepCase) -> Block:
+  """The kernels' own block on this case (``tiling`` without a choice; warps 0)."""
+  t = _tiling(sc, None)
+  return Block(t.bs, t.bc, t.warps)
 
 
 def effective(b: Block, sc: SweepCase) -> Block:
   """The block ``tiling`` makes of ``b`` on this case (never larger than the array)."""
-  _, s, c = sc.view
-  return Block(min(b.bs, _pow2_at_least(s)), min(b.bc, _pow2_at_least(c)), b.warps)
+  t = _tiling(sc, b)
+  return Block(t.bs, t.bc, t.warps)
 
 
 def candidates(sc: SweepCase, quick: bool) -> list[Block]:
-  """The case's blocks, in order, as ``tiling`` applies them, without repeats."""
+  """The case's blocks, the heuristic's first, as ``tiling`` applies them, without repeats."""
   base = QUICK_CANDIDATES if quick else CANDIDATES_LAST if sc.channels_last else CANDIDATES_FIRST
-  return list(dict.fromkeys(effective(b, sc) for b in base))
+  return list(dict.fromkeys([heuristic(sc), *(effective(b, sc) for b in base)]))
 
 
 def grid(b: Block, sc: SweepCase) -> tuple[int, int, int]:
   """The block-tiled kernels' grid for block ``b``: ``(n, cdiv(s, bs), cdiv(c, bc))``."""
-  n, s, c = sc.view
-  return n, -(-s // b.bs), -(-c // b.bc)
+  return tuple(int(d) for d in _tiling(sc, b).grid)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@ last the decisions in a few lines (a GPU run's reply shows only the end of its o
 
 from __future__ import annotations
 
+from . import machine
 from .sweep_plan import decide
 
 
@@ -58,8 +59,8 @@ def _header(results: dict) -> list[str]:
     f"`{results['command']}` — {m['date_utc']}, {results.get('wall_s', 0):.0f} s of a"
     f" {results['budget_s']:.0f} s budget",
     "",
-    f"Device: **{m['device']}** (JAX backend `{m['jax_backend']}`); {vers}; gnorm at"
-    f" {m['git']}. Copy bandwidth {cb.get('gb_per_s', 0):.0f} GB/s.",
+    f"Device: **{m['device']}** (JAX backend `{m['jax_backend']}`); {vers};"
+    f" {machine.provenance(m)}. Copy bandwidth {cb.get('gb_per_s', 0):.0f} GB/s.",
     "",
   ]
   return lines

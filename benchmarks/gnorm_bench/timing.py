@@ -70,11 +70,12 @@ def time_interleaved(
   return {f"{n}/{d}": stats(v, ks[(n, d)]) for (n, d), v in samples.items()}
 
 
-def progress_bar(total: int, desc: str, progress: bool):
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "round"):
+  """A tqdm bar on stderr, or None (``progress`` off, or no tqdm)."""
   if not progress:
     return None
   try:
     from tqdm import tqdm
   except Exception:  # noqa: BLE001 - any import failure means "no bar"
     return None
-  return tqdm(total=total, desc=desc, unit="round", file=sys.stderr)
+  return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
