@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 import gnorm
 from tests import multidevice_example
 from tests import multidevice_groups
+from tests.reference import naive_jnp
 
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
                "reduce-scatter")
@@ -30,26 +31,6 @@ COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
 
 def _mesh(shape=(2, 4), names=("b", "s")):
   return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
-
-
-def _naive(params, x, n_groups, mask=None, eps=1e-5):
-  """Float64 plain-autodiff GroupNorm (channels last): the oracle.
-
-  jnp.where(m, xg - mean, 0) inside: padding must not reach the gradient
-  (a NaN there would, through the discarded branch's derivative).
-  """
-  n, c = x.shape[0], x.shape[-1]
-  xg = x.reshape(n, -1, n_groups, c // n_groups)
-  m = (jnp.ones(x.shape, bool) if mask is None
-       else jnp.broadcast_to(mask, x.shape)).reshape(xg.shape)
-  cnt = m.sum(axis=(1, 3), keepdims=True)
-  mean = jnp.where(m, xg, 0).sum(axis=(1, 3), keepdims=True) / cnt
-  var = (jnp.where(m, xg - mean, 0) ** 2).sum(axis=(1, 3), keepdims=True) / cnt
-  y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape)
-  b = (1,) * (x.ndim - 1) + (c,)
-  y = y * params["gamma"].reshape(b) + params["beta"].reshape(b)
-  # Masked-out positions output 0 (gnorm's documented choice).
-  return jnp.where(m.reshape(x.shape), y, 0)
 
 
 def _data(shape, seed=0, loc=3.0):
@@ -90,7 +71,7 @@ def check_batch_sharding_compiles_without_collectives():
   for line in hlo_p.splitlines():
     if " all-reduce(" in line or " all-reduce-start(" in line:
       assert "[16]" in line.split("=")[1].split("all-reduce")[0], line
-  _close(f(params, xs), _naive(params, x, 4))
+  _close(f(params, xs), naive_jnp(params, x, 4))
 
 
 def check_spatial_sharding_under_jit_equals_unsharded():
@@ -98,10 +79,10 @@ def check_spatial_sharding_under_jit_equals_unsharded():
   x, params = _data((2, 16, 6, 16))
   xs = jax.device_put(x, NamedSharding(mesh, P(None, ("b", "s"))))
   y = jax.jit(lambda p, x: gnorm.group_norm(p, x, 4))(params, xs)
-  _close(y, _naive(params, x, 4))
+  _close(y, naive_jnp(params, x, 4))
   g = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(gnorm.group_norm(p, x, 4))),
                        argnums=(0, 1)))(params, xs)
-  g_ref = jax.grad(lambda p, x: jnp.sum(jnp.sin(_naive(p, x, 4))), argnums=(0, 1))(params, x)
+  g_ref = jax.grad(lambda p, x: jnp.sum(jnp.sin(naive_jnp(p, x, 4))), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref),
                   strict=True):
     _close(a, b)
@@ -124,13 +105,13 @@ def _shard_map_case(spec, axis_name, n_groups, shape, mask=None, param_spec=None
                             axis_name=axis_name)
 
   f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=spec))
-  _close(f(*args), _naive(params, x, n_groups, mask))
+  _close(f(*args), naive_jnp(params, x, n_groups, mask=mask))
 
   def loss_sharded(p, x, *m):
     return jnp.sum(jnp.sin(f(p, x, *m)))
 
   def loss_ref(p, x):
-    return jnp.sum(jnp.sin(_naive(p, x, n_groups, mask)))
+    return jnp.sum(jnp.sin(naive_jnp(p, x, n_groups, mask=mask)))
 
   g = jax.jit(jax.grad(loss_sharded, argnums=(0, 1)))(*args)
   g_ref = jax.grad(loss_ref, argnums=(0, 1))(params, x)
@@ -240,7 +221,7 @@ def check_pmap_axis_name():
   pieces = np.stack(np.split(x, 4, axis=1))  # (4, 2, 4, 8)
   y = jax.pmap(lambda x: gnorm.group_norm(params, x, 2, axis_name="d"),
                axis_name="d", devices=jax.devices()[:4])(pieces)
-  _close(np.concatenate(list(np.asarray(y)), axis=1), _naive(params, x, 2))
+  _close(np.concatenate(list(np.asarray(y)), axis=1), naive_jnp(params, x, 2))
 
 
 def _module_data(seed):

@@ -24,6 +24,7 @@ import gnorm
 from gnorm._src import backends
 from gnorm.compat import linen as compat_linen
 from gnorm.compat import nnx as compat_nnx
+from tests.reference import naive_jnp
 
 # Shards i of the 8 along axis 1 (2 rows each), grouped two ways: blocks of
 # neighbours, and every other shard (the groups interleave).
@@ -45,28 +46,12 @@ def _close(a, b, tol=1e-10):
       raise AssertionError(f"max abs difference {err} > {tol}")
 
 
-def _naive(params, x, n_groups, mask, eps=1e-5):
-  """Float64 plain-autodiff GroupNorm (channels last) with a mask: masked-out
-  positions output 0 (gnorm's choice) and pass no gradient."""
-  n, c = x.shape[0], x.shape[-1]
-  xg = x.reshape(n, -1, n_groups, c // n_groups)
-  m = jnp.broadcast_to(mask, x.shape).reshape(xg.shape)
-  cnt = m.sum(axis=(1, 3), keepdims=True)
-  cnt = jnp.maximum(cnt, 1)  # a group with nothing counted outputs 0
-  mean = jnp.where(m, xg, 0).sum(axis=(1, 3), keepdims=True) / cnt
-  var = (jnp.where(m, xg - mean, 0) ** 2).sum(axis=(1, 3), keepdims=True) / cnt
-  y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape)
-  b = (1,) * (x.ndim - 1) + (c,)
-  y = y * jnp.reshape(params["gamma"], b) + jnp.reshape(params["beta"], b)
-  return jnp.where(m.reshape(x.shape), y, 0)
-
-
 def _per_group(params, x, mask, n_groups, groups):
   """The reference: each group of shards (rows of axis 1) normalised alone."""
   y = jnp.zeros(x.shape, x.dtype)
   for g in groups:
     rows = np.concatenate([np.arange(i * ROWS, (i + 1) * ROWS) for i in g])
-    y = y.at[:, rows].set(_naive(params, x[:, rows], n_groups, mask[:, rows]))
+    y = y.at[:, rows].set(naive_jnp(params, x[:, rows], n_groups, mask=mask[:, rows]))
   return y
 
 

@@ -74,12 +74,17 @@ def group_norm_ref_full(x, n_groups, gamma=None, beta=None, eps=1e-5,
   return np.moveaxis(y, -1, channel_axis)
 
 
-def naive_jnp(params, x, n_groups, channel_axis=-1, activation=None, eps=1e-5):
+def naive_jnp(params, x, n_groups, channel_axis=-1, activation=None, eps=1e-5, mask=None):
   """The plain formula in ``jax.numpy`` (shares no code with gnorm): an oracle
   for derivatives, by JAX's autodiff of it (in float64 under ``x64``).
 
   ``params`` holds ``gamma`` and ``beta`` of shape ``(C,)`` or ``(N, C)``;
   ``activation`` is a name of ``gnorm``'s (``"silu"``, ``"gelu"``, ...).
+  ``mask`` (broadcastable to ``x``, True where a position counts): the
+  statistics of the counted positions; the others output 0 (gnorm's choice),
+  as does a group with nothing counted, and no gradient passes them
+  (``jnp.where`` around ``x - mean``: a NaN there would, through the
+  discarded branch's derivative).
   """
   import jax
   import jax.numpy as jnp
@@ -90,10 +95,20 @@ def naive_jnp(params, x, n_groups, channel_axis=-1, activation=None, eps=1e-5):
   xl = jnp.moveaxis(x, channel_axis, -1)
   n, c = xl.shape[0], xl.shape[-1]
   xg = xl.reshape(n, -1, n_groups, c // n_groups)
-  mean = xg.mean(axis=(1, 3), keepdims=True)
-  var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  if mask is None:
+    m = None
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+  else:
+    ml = jnp.moveaxis(jnp.broadcast_to(mask, x.shape), channel_axis, -1)
+    m = ml.reshape(xg.shape)
+    cnt = jnp.maximum(m.sum(axis=(1, 3), keepdims=True), 1)
+    mean = jnp.where(m, xg, 0).sum(axis=(1, 3), keepdims=True) / cnt
+    var = (jnp.where(m, xg - mean, 0) ** 2).sum(axis=(1, 3), keepdims=True) / cnt
   y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(n, -1, c)
-  y = y * params["gamma"].reshape(-1, 1, c) + params["beta"].reshape(-1, 1, c)
+  y = y * jnp.reshape(params["gamma"], (-1, 1, c)) + jnp.reshape(params["beta"], (-1, 1, c))
   if activation is not None:
     y = acts[activation](y)
+  if m is not None:
+    y = jnp.where(m.reshape(y.shape), y, 0)
   return jnp.moveaxis(y.reshape(xl.shape), -1, channel_axis)

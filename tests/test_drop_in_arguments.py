@@ -178,6 +178,13 @@ def test_eps_as_the_originals():
         for cls in (hk.GroupNorm, compat_hk.GroupNorm)]
   params = fs[0].init(None, xh)
   np.testing.assert_allclose(fs[1].apply(params, xh), fs[0].apply(params, xh), rtol=0, atol=1e-5)
+  # Where the originals return NaN, the drop-ins raise, naming the value.
+  for eps in (-1.0, float("nan"), float("inf")):
+    match = rf"eps must be a finite number >= 0, got {eps}"
+    with pytest.raises(ValueError, match=match):
+      compat_eqx.GroupNorm(4, 8, eps=eps)(x[0])
+    with pytest.raises(ValueError, match=match):
+      hk.transform(lambda x, e=eps: compat_hk.GroupNorm(4, eps=e)(x)).init(None, xh)
 
 
 class _Parent(nn.Module):
@@ -246,8 +253,10 @@ def test_axis_index_groups_ignored_without_axis_name_as_flax():
   v = jax.jit(nn.GroupNorm(num_groups=2).init)(jax.random.key(1), x)
   np.testing.assert_allclose(jax.jit(compat_linen.GroupNorm(**kw).apply)(v, x),
                              jax.jit(nn.GroupNorm(**kw).apply)(v, x), rtol=0, atol=1e-5)
-  for cls in (nnx.GroupNorm, compat_nnx.GroupNorm):
-    cls(8, 2, axis_index_groups=kw["axis_index_groups"], rngs=nnx.Rngs(0))
+  ys = [nnx.jit(lambda m, x: m(x))(cls(8, 2, axis_index_groups=kw["axis_index_groups"],
+                                       rngs=nnx.Rngs(0)), x)
+        for cls in (nnx.GroupNorm, compat_nnx.GroupNorm)]
+  np.testing.assert_allclose(ys[1], ys[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("groups, error, match", [

@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 
 import gnorm
 from tests.reference import group_norm_ref
+from tests.reference import naive_jnp
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
@@ -279,19 +280,6 @@ def test_vmap_over_params_and_input():
     assert _err(out[i], group_norm_ref(x[i], 2, gammas[i], betas[i])) <= 1e-5
 
 
-def _naive_jnp(params, x, n_groups, eps=1e-5, channel_axis=-1):
-  """Plain-autodiff GroupNorm: an oracle for every derivative."""
-  xl = jnp.moveaxis(x, channel_axis, -1)
-  n, c = xl.shape[0], xl.shape[-1]
-  xg = xl.reshape(n, -1, n_groups, c // n_groups)
-  mean = xg.mean(axis=(1, 3), keepdims=True)
-  var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
-  y = ((xg - mean) / jnp.sqrt(var + eps)).reshape(xl.shape)
-  bshape = (1,) * (y.ndim - 1) + (c,)
-  y = y * params["gamma"].reshape(bshape) + params["beta"].reshape(bshape)
-  return jnp.moveaxis(y, -1, channel_axis)
-
-
 @pytest.mark.parametrize("shape,channel_axis,n_groups",
                          [((2, 3, 8), -1, 4), ((2, 4, 3, 2), 1, 2), ((3, 8), -1, 2)])
 def test_check_grads_second_order_fwd_and_rev(x64, shape, channel_axis, n_groups):
@@ -314,7 +302,7 @@ def test_derivatives_match_plain_autodiff(x64, shape, channel_axis, n_groups):
   def loss(f):
     return lambda p, x: jnp.sum(jnp.tanh(f(p, x, n_groups, channel_axis=channel_axis)) * ct)
 
-  ours, naive = loss(gnorm.group_norm), loss(_naive_jnp)
+  ours, naive = loss(gnorm.group_norm), loss(naive_jnp)
 
   def all_derivatives(f):
     return (jax.grad(f, argnums=(0, 1))(params, x),
@@ -332,7 +320,7 @@ def test_derivatives_match_plain_autodiff(x64, shape, channel_axis, n_groups):
   tp = jax.tree_util.tree_map(jnp.ones_like, params)
   _, t_ours = jax.jvp(lambda p, x: gnorm.group_norm(p, x, n_groups, channel_axis=channel_axis),
                       (params, x), (tp, tx))
-  _, t_naive = jax.jvp(lambda p, x: _naive_jnp(p, x, n_groups, channel_axis=channel_axis),
+  _, t_naive = jax.jvp(lambda p, x: naive_jnp(p, x, n_groups, channel_axis=channel_axis),
                        (params, x), (tp, tx))
   np.testing.assert_allclose(t_ours, t_naive, rtol=1e-9, atol=1e-9)
 
@@ -346,7 +334,7 @@ def test_float32_gradients_match_float64_plain_autodiff(x64):
   assert g32[1].dtype == jnp.float32
   p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
   g64 = jax.jit(jax.grad(
-      lambda p, x: jnp.sum(_naive_jnp(p, x, 4) * ct.astype(np.float64)),
+      lambda p, x: jnp.sum(naive_jnp(p, x, 4) * ct.astype(np.float64)),
       argnums=(0, 1)))(p64, jnp.asarray(x, jnp.float64))
   # Gradient w.r.t. x, scaled by rstd ~ 1/3; w.r.t. gamma and beta summed
   # over 2 * 36 positions.

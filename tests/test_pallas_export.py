@@ -26,8 +26,10 @@ import gnorm
 S = jax.ShapeDtypeStruct
 TRITON = "__gpu$xla.gpu.triton"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# "one_pass": 64 samples x 8 groups = ONE_PASS_MIN_PROGRAMS (sample, group)
+# pairs, each fitting a block: the forward's one-kernel plan.
 LAYOUTS = {"nhwc": ((2, 16, 16, 320), -1), "nchw": ((2, 320, 16, 16), 1),
-           "odd": ((3, 7, 5, 24), -1)}
+           "odd": ((3, 7, 5, 24), -1), "one_pass": ((64, 7, 5, 24), -1)}
 ACTIVATIONS = (None, "relu", "silu", "gelu", "gelu_tanh")
 
 
@@ -42,6 +44,10 @@ def _kernels(shape, axis, groups, backward=False):
   one = pallas_triton.group_tiling(shape[0], s, c, groups, channels_last=axis == -1)
   one = one is not None and shape[0] * groups >= pallas.ONE_PASS_MIN_PROGRAMS
   return (1 if one else 3) + (3 if backward else 0)
+
+
+def test_the_layouts_lower_both_forward_plans():
+  assert sorted(_kernels(shape, axis, 8) for shape, axis in LAYOUTS.values()) == [1, 3, 3, 3]
 
 
 def _lower(f, *args, platform="cuda"):

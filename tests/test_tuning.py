@@ -145,8 +145,12 @@ def test_entries_apply_to_the_jax_release_they_were_measured_with(use_table):
   use_table(_table(_measurement(jax_version="0.11.2")))
   c = tuning.choose(H200, "bfloat16", True, *SD, 32, jax_version="0.12.0")
   assert c.implementation == "xla" and "measured with jax 0.11.2, this is jax 0.12.0" in c.source
-  # By default, the running JAX's version (the CI's 0.10.2 here).
+  # By default, the running JAX's version: its release's entry applies, another's not.
+  other = "0.0.1" if jax.__version__.startswith("0.11.") else "0.11.2"
+  use_table(_table(_measurement(jax_version=other)))
   assert tuning.choose(H200, "bfloat16", True, *SD, 32).implementation == "xla"
+  use_table(_table(_measurement(jax_version=jax.__version__)))
+  assert tuning.choose(H200, "bfloat16", True, *SD, 32).implementation == "pallas"
 
 
 def _broken(mutate):

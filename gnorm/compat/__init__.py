@@ -3,8 +3,9 @@
 Each class takes exactly its original's constructor and call, and creates
 exactly the same parameters (names, shapes, dtypes, tree structure), so that
 changing one import is the whole migration and existing checkpoints load
-unchanged; only the maths is gnorm's (exact two-pass statistics, a backward
-that keeps only ``x`` and per-group statistics, NaN-safe masks):
+unchanged; only the maths is gnorm's (exact statistics, never
+E[x^2] - E[x]^2, a backward that keeps only ``x`` and per-group statistics,
+NaN-safe masks):
 
 * ``gnorm.compat.linen.GroupNorm`` for ``flax.linen.GroupNorm``;
 * ``gnorm.compat.nnx.GroupNorm`` for ``flax.nnx.GroupNorm``;

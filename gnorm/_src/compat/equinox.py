@@ -48,8 +48,8 @@ class GroupNorm(eqx.Module):
   ``eqx.nn.GroupNorm`` is False).
 
   The normalisation is ``gnorm.group_norm`` on the example with a batch axis
-  of 1 added (``channel_axis=1``): exact two-pass statistics in at least
-  float32 and a backward pass that keeps only ``x`` and per-group
+  of 1 added (``channel_axis=1``): exact statistics (never
+  ``E[x^2] - E[x]^2``) in at least float32 and a backward pass that keeps only ``x`` and per-group
   statistics. Equinox also computes a two-pass variance (``jnp.var``) in at
   least float32, so the two agree to float32 rounding, also on data with a
   large mean: on N(100, 3^2) both are within a few 1e-6 of the exact result

@@ -132,8 +132,8 @@ class GroupNorm(hk.Module):
   float32). The same bad configurations raise the same exception types.
 
   The normalisation is ``gnorm.group_norm`` (batch axis 0, channels on the
-  ``data_format``'s axis): exact two-pass statistics in at least float32
-  and a backward pass that keeps only ``x`` and per-group statistics.
+  ``data_format``'s axis): exact statistics (never ``E[x^2] - E[x]^2``)
+  in at least float32 and a backward pass that keeps only ``x`` and per-group statistics.
   Haiku computes ``jnp.var`` in the dtype of ``x``.
 
   Differences from haiku:

@@ -26,8 +26,8 @@ class GroupNorm(nn.Module):
   else the promotion of ``x``'s and the parameters' dtypes: bfloat16 input
   with float32 parameters gives float32) and the same kind of error for a
   bad configuration. Checkpoints of either load into the other. The
-  normalisation is ``gnorm.group_norm``: exact two-pass statistics in at
-  least float32, a backward pass that keeps only ``x`` and per-group
+  normalisation is ``gnorm.group_norm``: exact statistics (never
+  ``E[x^2] - E[x]^2``) in at least float32, a backward pass that keeps only ``x`` and per-group
   statistics, statistics across shards with ``axis_name``.
 
   Where it differs from flax:
@@ -40,8 +40,9 @@ class GroupNorm(nn.Module):
     The mask may be any shape that broadcasts to ``x``, such as
     ``(N, L, 1)``; a non-boolean mask is converted with ``astype(bool)``.
   * ``use_fast_variance`` and ``force_float32_reductions`` are accepted and
-    have no effect: the statistics are always the exact two-pass ones,
-    computed in at least float32 (flax's default is the one-pass
+    have no effect: the statistics are always gnorm's exact ones (two-pass
+    on the CPU and TPU, shifted with an exact combine on GPUs), computed in
+    at least float32 (flax's default is the one-pass
     ``E[x^2] - E[x]^2``, which loses digits when the mean is large against
     the spread).
   * ``reduction_axes``: every set flax accepts works, with flax's

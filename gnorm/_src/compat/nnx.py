@@ -32,8 +32,8 @@ class GroupNorm(nnx.Module):
   ``promote_dtype`` as in flax) and the same kind of error for a bad
   configuration. State saved from either (``nnx.state``, ``nnx.split``)
   loads into the other with ``nnx.update`` or ``nnx.merge``. The
-  normalisation is ``gnorm.group_norm``: exact two-pass statistics in at
-  least float32, a backward pass that keeps only ``x`` and per-group
+  normalisation is ``gnorm.group_norm``: exact statistics (never
+  ``E[x^2] - E[x]^2``) in at least float32, a backward pass that keeps only ``x`` and per-group
   statistics, statistics across shards with ``axis_name``.
 
   Where it differs from flax:
@@ -46,7 +46,8 @@ class GroupNorm(nnx.Module):
     The mask may be any shape that broadcasts to ``x``, such as
     ``(N, L, 1)``; a non-boolean mask is converted with ``astype(bool)``.
   * ``use_fast_variance`` is accepted and has no effect: the statistics are
-    always the exact two-pass ones, in at least float32 (flax's default is
+    always gnorm's exact ones (two-pass on the CPU and TPU, shifted with an
+    exact combine on GPUs), in at least float32 (flax's default is
     the one-pass ``E[x^2] - E[x]^2``, which loses digits when the mean is
     large against the spread).
   * ``reduction_axes``: every set flax accepts works, with
