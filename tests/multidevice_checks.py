@@ -9,8 +9,11 @@ script prints one JSON object mapping check names to ``"ok"`` or the error.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -310,6 +313,18 @@ def check_nnx_module_axis_name_in_shard_map():
 CHECKS = dict(sorted({**{name: fn for name, fn in globals().items() if name.startswith("check_")},
                       **multidevice_groups.GROUP_CHECKS,
                       **multidevice_example.EXAMPLE_CHECKS}.items()))
+
+
+def run_checks(module: str) -> dict[str, str]:
+  """Runs ``python -m module`` with 8 simulated CPU devices; its JSON result."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      " --xla_force_host_platform_device_count=8").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-m", module], cwd=Path(__file__).resolve().parent.parent,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:

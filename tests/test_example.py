@@ -158,7 +158,7 @@ def test_mesh_of_one_device_matches_plain_run(tiny, tmp_path):
   assert all(isinstance(leaf, np.ndarray)
              for leaf in jax.tree.leaves(loaded.params))
   assert _params_equal(loaded.params, dp.params)
-  with pytest.raises(ValueError, match="between 1 and the number of local"):
+  with pytest.raises(ValueError, match="between 1 and the number of devices"):
     train.make_mesh(2)
 
 
@@ -251,9 +251,9 @@ def test_cli_rejects_bad_flags(capsys):
                         (["--batch-size", "0"], "--batch-size must be >= 1"),
                         (["--norm", "layer"], "invalid choice: 'layer'"),
                         (["--devices", "0"], "--devices must be between 1 "
-                         "and the number of local devices (1), got 0"),
+                         "and the number of devices (1), got 0"),
                         (["--devices", "2"], "--devices must be between 1 "
-                         "and the number of local devices (1), got 2")]:
+                         "and the number of devices (1), got 2")]:
     with pytest.raises(SystemExit) as info:
       mnist_cnn.parse_args(argv)
     assert info.value.code == 2

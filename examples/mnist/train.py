@@ -106,19 +106,26 @@ def _variables(state: TrainState) -> dict:
 
 
 def make_mesh(n_devices: int | None = None) -> Mesh:
-  """A 1-D mesh over the first ``n_devices`` local devices (default: all).
+  """A 1-D mesh over the first ``n_devices`` devices (default: all).
 
-  Its one axis, ``"batch"``, is the axis that :func:`train` splits each batch
-  along.
+  The devices are ``jax.devices()``: with several processes
+  (``jax.distributed.initialize()`` on each host) those of every process,
+  and the mesh must then span them all, since each process runs the same
+  program on its own devices. Its one axis, ``"batch"``, is the axis that
+  :func:`train` splits each batch along.
 
   Raises:
-    ValueError: ``n_devices`` is not between 1 and the local device count.
+    ValueError: ``n_devices`` is not between 1 and the device count, or,
+      with several processes, is not all of them.
   """
-  devices = jax.local_devices()
+  devices = jax.devices()
   n = len(devices) if n_devices is None else n_devices
   if not 1 <= n <= len(devices):
-    raise ValueError(f"n_devices must be between 1 and the number of local "
+    raise ValueError(f"n_devices must be between 1 and the number of "
                      f"devices ({len(devices)}), got {n}")
+  if jax.process_count() > 1 and n != len(devices):
+    raise ValueError(f"with {jax.process_count()} processes the mesh must "
+                     f"span all {len(devices)} devices, got n_devices={n}")
   return jax.make_mesh((n,), (BATCH_AXIS,),
                        axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices[:n])
@@ -133,8 +140,31 @@ def _batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(state: TrainState, mesh: Mesh) -> TrainState:
-  """``state`` with a full copy of every array on each device of ``mesh``."""
+  """``state`` with a full copy of every array on each device of ``mesh``.
+
+  Every process must pass the same values (the same seed gives them).
+  """
   return jax.device_put(state, _replicated(mesh))
+
+
+def split_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+  """Host arrays of a whole batch, split along ``"batch"`` over ``mesh``.
+
+  Each process holds the whole batch (the data set ships in a package, and
+  every process draws the same order); it passes on only the rows of its
+  own devices (``jax.make_array_from_process_local_data``).
+  """
+  split = _batch_sharded(mesh)
+  out = []
+  for a in arrays:
+    index = split.addressable_devices_indices_map(a.shape).values()
+    lo = min(i[0].start or 0 for i in index)
+    hi = max(len(a) if i[0].stop is None else i[0].stop for i in index)
+    if hi - lo != len(index) * (len(a) // mesh.size):
+      raise ValueError(f"this process's devices hold rows {lo}:{hi} of the batch, "
+                       "not one contiguous block of their shares")
+    out.append(jax.make_array_from_process_local_data(split, a[lo:hi], a.shape))
+  return tuple(out)
 
 
 def _train_step(
@@ -217,6 +247,8 @@ def evaluate(
                            np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
     y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    if mesh is not None:
+      x, y, mask = split_batch(mesh, x, y, mask)
     loss, correct = eval_batch(state, x, y, mask)
     total_loss += float(loss)
     total_correct += float(correct)
@@ -279,7 +311,6 @@ def train(
   if mesh is not None:
     state = replicate(state, mesh)
     step_fn = _sharded_train_step(mesh)
-    split = _batch_sharded(mesh)
   rng = np.random.default_rng(config.seed)
   history = {"train_loss": [], "test_loss": [], "test_accuracy": [],
              "seconds": []}
@@ -293,7 +324,7 @@ def train(
     for i, batch in enumerate(bar):
       images, labels = data.train_images[batch], data.train_labels[batch]
       if mesh is not None:  # each device receives only its slice
-        images, labels = jax.device_put((images, labels), split)
+        images, labels = split_batch(mesh, images, labels)
       state, loss = step_fn(state, images, labels)
       losses.append(loss)
       if i % 25 == 0:  # reading the loss syncs with the device; not every step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from gnorm._src import array_types
 from gnorm._src import derivative
 from gnorm._src import maths
 from gnorm._src import validation
@@ -197,4 +199,8 @@ def group_norm(
   cfg = maths.Config(n_groups, eps, axis, axis_name, activation, axis_index_groups=groups)
   cfg = cfg._replace(implementation=validation.check_implementation(
       implementation, cfg, shape, mask is not None))
-  return derivative.group_norm_core(x, gamma, beta, mask, cfg)
+  # JAX's types beyond shape and dtype (array_types.py): operands varying
+  # along the same manual axes, explicit mesh axes made Auto for the maths.
+  x, gamma, beta, mask = array_types.match_varying(x, gamma, beta, mask)
+  core = functools.partial(derivative.group_norm_core, cfg=cfg)
+  return array_types.on_auto_axes(core, x)(x, gamma, beta, mask)

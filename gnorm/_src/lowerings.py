@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gnorm._src import array_types
 from gnorm._src import backends
 from gnorm._src import maths
 from gnorm._src.backends import tuning
@@ -85,9 +86,10 @@ def _transposed_tangent(spec: Spec, *ops):
   """The cotangent map as JAX's transpose of the tangent map."""
   res, (ct,) = spec.residuals(ops)
   x, gamma = res[0], res[1]
-  avals = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
-  avals += [jax.ShapeDtypeStruct(p.shape, p.dtype)
-            for p in (gamma, spec.beta_like()) if p is not None]
+  # The primals' full types (their varying manual axes too), as JAX checks
+  # the cotangents against them.
+  avals = [jax.typeof(x)] + [array_types.like(jax.typeof(x), p.shape, p.dtype)
+                             for p in (gamma, spec.beta_like()) if p is not None]
   tangent = functools.partial(tangent_plain, spec, *pack(spec, *res))
   # jax.checkpoint, as the rule had before it was a primitive: its barriers
   # keep the backward's recomputations of x - mean apart, which makes this

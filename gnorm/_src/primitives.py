@@ -43,6 +43,7 @@ from jax.interpreters import ad
 from jax.interpreters import batching
 from jax.interpreters import mlir
 
+from gnorm._src import array_types
 from gnorm._src import backends
 from gnorm._src import lowerings
 from gnorm._src import maths
@@ -74,21 +75,22 @@ cotangent_p.def_impl(_eager(cotangent_p))
 @forward_p.def_abstract_eval
 def _forward_abstract(*avals, spec):
   x = avals[0]
-  stats = core.ShapedArray((x.shape[0], spec.cfg.n_groups), maths.compute_dtype(x.dtype))
-  return [core.ShapedArray(x.shape, x.dtype), stats, stats, stats]
+  stats = array_types.like(x, (x.shape[0], spec.cfg.n_groups), maths.compute_dtype(x.dtype))
+  return [x.update(weak_type=False), stats, stats, stats]
 
 
 @tangent_p.def_abstract_eval
 def _tangent_abstract(*avals, spec):
   del spec
-  return core.ShapedArray(avals[0].shape, avals[0].dtype)
+  return avals[0].update(weak_type=False)
 
 
 @cotangent_p.def_abstract_eval
 def _cotangent_abstract(*avals, spec):
   res, _ = spec.residuals(avals)
-  return [core.ShapedArray(a.shape, a.dtype)
-          for a in (res[0], res[1], spec.beta_like()) if a is not None]
+  x = res[0]
+  params = [p for p in (res[1], spec.beta_like()) if p is not None]
+  return [x.update(weak_type=False)] + [array_types.like(x, p.shape, p.dtype) for p in params]
 
 
 def _register_lowerings(p, plain, multiple_results: bool) -> None:

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from gnorm._src import array_types
+
 # Elements per block: 8192 keeps a float32 block in registers with 4-8 warps.
 _BLOCK_ELEMENTS = 8192
 # Partials the combining kernels hold at once (they loop over the rest).
@@ -280,11 +282,11 @@ def _one_pass_kernel(x_ref, gamma_ref, beta_ref, y_ref, mean_ref, rstd_ref, *, t
 def one_pass(xv: jax.Array, gamma, beta, t: GroupTiling, cdt, eps: float,
              activation: Callable[[jax.Array], jax.Array] | None, *, interpret: bool):
   """``(y, mean, rstd)`` with ``x`` read once; ``gamma``/``beta`` are ``(1, C)`` or ``(N, C)``."""
-  stat = jax.ShapeDtypeStruct((t.n, t.groups), cdt)
+  stat = array_types.struct((t.n, t.groups), cdt, xv)
   warps = 4 if t.bs * t.bg <= 2048 else 8
   return pl.pallas_call(
       functools.partial(_one_pass_kernel, t=t, cdt=cdt, eps=eps, activation=activation),
-      out_shape=(jax.ShapeDtypeStruct(xv.shape, xv.dtype), stat, stat),
+      out_shape=(array_types.struct(xv.shape, xv.dtype, xv), stat, stat),
       grid=(t.n, t.groups),
       compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
       interpret=interpret,
@@ -307,7 +309,7 @@ def partial_moments(xv: jax.Array, t: Tiling, cdt, *, interpret: bool):
     ``(mean, m2)``, each ``(N, cdiv(S, bs), C)`` in ``cdt``.
   """
   k = t.grid[1]
-  out = jax.ShapeDtypeStruct((t.n, k, t.c), cdt)
+  out = array_types.struct((t.n, k, t.c), cdt, xv)
   return pl.pallas_call(
       functools.partial(_moments_kernel, t=t, cdt=cdt),
       out_shape=(out, out),
@@ -321,7 +323,7 @@ def partial_moments(xv: jax.Array, t: Tiling, cdt, *, interpret: bool):
 def finish(block_mean, block_m2, t: Tiling, groups: int, cdt, eps: float, *, interpret: bool):
   """``(mean, rstd)`` per (sample, group), ``(N, G)`` in ``cdt``, from the
   partial moments: one small program per (sample, group)."""
-  stat = jax.ShapeDtypeStruct((t.n, groups), cdt)
+  stat = array_types.struct((t.n, groups), cdt, block_mean)
   return pl.pallas_call(
       functools.partial(_finish_kernel, t=t, cg=t.c // groups, eps=eps, cdt=cdt),
       out_shape=(stat, stat),
@@ -342,7 +344,7 @@ def normalise(xv: jax.Array, mean, rstd, gamma, beta, t: Tiling, cdt,
   return pl.pallas_call(
       functools.partial(_normalise_kernel, t=t, cdt=cdt, cg=t.c // mean.shape[1],
                         activation=activation),
-      out_shape=jax.ShapeDtypeStruct(xv.shape, xv.dtype),
+      out_shape=array_types.struct(xv.shape, xv.dtype, xv),
       grid=t.grid,
       compiler_params=compiler_params(t),
       interpret=interpret,

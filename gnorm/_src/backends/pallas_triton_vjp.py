@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from gnorm._src import array_types
 from gnorm._src.backends.pallas_triton import Tiling
 from gnorm._src.backends.pallas_triton import block
 from gnorm._src.backends.pallas_triton import by_group
@@ -121,9 +122,9 @@ def backward(xv, ctv, mean, rstd, gamma, beta, t: Tiling, cdt,
   """
   groups = mean.shape[1]
   cg = t.c // groups
-  stat = jax.ShapeDtypeStruct((t.n, groups), cdt)
-  per_c = jax.ShapeDtypeStruct((2, t.n, t.c), cdt)
-  partial = jax.ShapeDtypeStruct((t.n, t.grid[1], t.c), cdt)
+  stat = array_types.struct((t.n, groups), cdt, xv)
+  per_c = array_types.struct((2, t.n, t.c), cdt, xv)
+  partial = array_types.struct((t.n, t.grid[1], t.c), cdt, xv)
   s_dz, s_dzxc = pl.pallas_call(
       functools.partial(_sums_kernel, t=t, cdt=cdt, cg=cg, activation=activation),
       out_shape=(partial, partial),
@@ -142,7 +143,7 @@ def backward(xv, ctv, mean, rstd, gamma, beta, t: Tiling, cdt,
   )(s_dz, s_dzxc, rstd, gamma)
   dx = pl.pallas_call(
       functools.partial(_input_grad_kernel, t=t, cdt=cdt, cg=cg, activation=activation),
-      out_shape=jax.ShapeDtypeStruct(xv.shape, xv.dtype),
+      out_shape=array_types.struct(xv.shape, xv.dtype, xv),
       grid=t.grid,
       compiler_params=compiler_params(t, inputs=2),
       interpret=interpret,
