@@ -5,7 +5,7 @@ absolute error of each implementation on the same data (unit-scale gamma and
 beta, eps 1e-5 for both) and writes it to ``benchmarks/results/accuracy.md``.
 gnorm is measured with both of its reduction plans, whatever the backend:
 ``maths.py``'s (the CPU's, and TPU's) and ``backends/xla_gpu.py``'s (CUDA's and
-ROCm's), each forced with ``backends.forced_plan``.
+ROCm's), each forced with ``dispatch.forced``.
 
 gnorm returns the input's dtype, so its half-precision errors include one
 rounding of the output (2^-8 relative for bfloat16); flax promotes to float32
@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 from gnorm_bench import machine  # noqa: E402  (benchmarks/ is the script's directory)
 
 import gnorm  # noqa: E402
-from gnorm._src import backends  # noqa: E402
+from gnorm._src import dispatch  # noqa: E402
 from tests.reference import group_norm_ref  # noqa: E402
 
-PLANS = {"xla": "gnorm, maths.py plan (CPU, TPU)", "xla:gpu": "gnorm, GPU plan (CUDA, ROCm)"}
+PLANS = {"xla": "gnorm, maths.py plan (CPU, TPU)", "xla_gpu": "gnorm, GPU plan (CUDA, ROCm)"}
 
 CASES = [
     # name, shape, G, dtype, loc, scale
@@ -57,7 +57,7 @@ def measure(shape, g, dtype, loc, scale, seed=0):
 
   def traced(plan):
     def f(x):
-      with backends.forced_plan(plan):
+      with dispatch.forced(plan):
         return gnorm.group_norm({"gamma": gamma, "beta": beta}, x, g)
     return f
 

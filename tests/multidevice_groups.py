@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gnorm
-from gnorm._src import backends
+from gnorm._src import dispatch
 from gnorm.compat import linen as compat_linen
 from gnorm.compat import nnx as compat_nnx
 from tests.reference import naive_jnp
@@ -99,7 +99,7 @@ def check_axis_index_groups_strided_values_and_gradients():
 def check_axis_index_groups_gpu_plan_on_the_cpu():
   # CUDA and ROCm reduce by a plan of their own (backends/xla_gpu.py), which
   # combines the shards' statistics too; forced here, traced inside the block.
-  with backends.forced_plan("xla:gpu"):
+  with dispatch.forced("xla_gpu"):
     _check_values_and_gradients(BLOCKS)
 
 

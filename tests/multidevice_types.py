@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gnorm
-from gnorm._src import backends
+from gnorm._src import dispatch
 from gnorm.compat import linen as compat_linen
 from tests.reference import naive_jnp
 
@@ -46,11 +46,9 @@ SHAPE = (8, 8, 4, 16)
 
 @contextlib.contextmanager
 def _implementation(name):
-  """``(implementation=...)`` for gnorm, with the reduction plan ``name`` runs on."""
-  plan, impl = {"xla": ("xla", "xla"), "xla_gpu": ("xla:gpu", "xla"),
-                "pallas": ("xla", "pallas")}[name]
-  with backends.forced_plan(plan):
-    yield impl
+  """``implementation="auto"`` running ``name`` (``dispatch.forced``)."""
+  with dispatch.forced(name):
+    yield "auto"
 
 
 def _data(shape=SHAPE, seed=0, per_sample=False):

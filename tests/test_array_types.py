@@ -8,8 +8,6 @@ import pytest
 from tests import multidevice_checks
 from tests import multidevice_types
 
-pytestmark = pytest.mark.xdist_group("multidevice_types")
-
 
 @pytest.fixture(scope="module")
 def results():

@@ -2,7 +2,7 @@
 
 CUDA and ROCm lower ``backends/xla_gpu.py`` (statistics) and
 ``backends/xla_gpu_vjp.py`` (the cotangent map) instead of ``maths.py``'s
-plan. ``backends.forced_plan("xla:gpu")`` makes the CPU lower them too, so
+plan. ``dispatch.forced("xla_gpu")`` makes the CPU lower them too, so
 the suite holds them to the same float64 reference and bounds as the default
 path, and their derivatives to plain autodiff. ``jax.jit`` caches a traced
 program by function object, so every check traces a fresh function inside
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import gnorm
-from gnorm._src import backends
+from gnorm._src import dispatch
 from gnorm._src import maths
 from gnorm._src.backends import xla_gpu
 from tests.reference import group_norm_ref
@@ -36,7 +36,7 @@ def _gpu(fn):
   """``fn`` jitted and traced with the GPU's plan, on the CPU."""
 
   def traced(*args):
-    with backends.forced_plan("xla:gpu"):
+    with dispatch.forced("xla_gpu"):
       return fn(*args)
 
   return jax.jit(traced)
@@ -73,8 +73,8 @@ def test_the_plan_is_really_forced():
 
 
 def test_forced_plan_names_are_checked():
-  with pytest.raises(ValueError, match="plan must be one of"):
-    with backends.forced_plan("cuda"):
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    with dispatch.forced("cuda"):
       pass
 
 
@@ -229,7 +229,7 @@ def test_check_grads_second_order_fwd_and_rev(x64, shape, channel_axis, n_groups
   params = {"gamma": gamma.astype(np.float64), "beta": beta.astype(np.float64)}
 
   def f(p, x):
-    with backends.forced_plan("xla:gpu"):
+    with dispatch.forced("xla_gpu"):
       return gnorm.group_norm(p, x, n_groups, channel_axis=channel_axis, activation=activation)
 
   check_grads(f, (params, x.astype(np.float64)), order=2, modes=("fwd", "rev"))
@@ -353,7 +353,7 @@ def test_backward_keeps_only_x_and_group_statistics():
   params = {"gamma": jnp.ones(32), "beta": jnp.zeros(32)}
 
   def leaves(p, x):
-    with backends.forced_plan("xla:gpu"):
+    with dispatch.forced("xla_gpu"):
       return jax.tree_util.tree_leaves(
           jax.vjp(lambda p, x: gnorm.group_norm(p, x, 8, activation="silu"), p, x)[1])
 

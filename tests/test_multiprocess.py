@@ -25,8 +25,6 @@ CHECKS = ("check_explicit_mesh_batch_and_spatial_split",
           "check_shard_map_axis_name_across_processes",
           "check_shard_map_batch_split_without_axis_name")
 
-pytestmark = pytest.mark.xdist_group("multiprocess")
-
 
 def _free_port() -> int:
   with socket.socket() as s:

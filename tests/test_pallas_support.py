@@ -40,20 +40,20 @@ def fresh_probe():
 def test_this_jax_has_the_triton_backend(fresh_probe):
   # jax 0.10.2 (CI) and 0.11.2 (the GPU machine) both ship it, CPU-only builds too.
   assert ps.why_unavailable() is None
-  assert ps.triton_available()
+  assert ps.why_unavailable() is None
 
 
 def test_the_probe_runs_once(fresh_probe, monkeypatch):
-  assert ps.triton_available()
+  assert ps.why_unavailable() is None
   # Hidden after the first call: the cached answer stands.
   monkeypatch.setitem(sys.modules, ps.TRITON_MODULE, None)
-  assert ps.triton_available()
+  assert ps.why_unavailable() is None
 
 
 def test_a_jax_without_the_backend(fresh_probe, monkeypatch):
   # None in sys.modules makes the import fail, as for a JAX that dropped the module.
   monkeypatch.setitem(sys.modules, ps.TRITON_MODULE, None)
-  assert not ps.triton_available()
+  assert ps.why_unavailable() is not None
   why = ps.why_unavailable()
   assert why is not None and why.startswith(f"{ps.TRITON_MODULE} cannot be imported")
   message = ps.unavailable_message(why)
@@ -65,7 +65,7 @@ def test_a_backend_without_what_the_kernels_use(fresh_probe, monkeypatch):
   stub = types.ModuleType(ps.TRITON_MODULE)
   stub.CompilerParams = object
   monkeypatch.setitem(sys.modules, ps.TRITON_MODULE, stub)
-  assert not ps.triton_available()
+  assert ps.why_unavailable() is not None
   assert ps.why_unavailable() == f"{ps.TRITON_MODULE} has no load, store"
 
 
@@ -82,7 +82,7 @@ def test_a_deprecation_on_import_does_not_reach_the_user(fresh_probe, monkeypatc
   monkeypatch.setattr(ps.importlib, "import_module", import_module)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert ps.triton_available()
+    assert ps.why_unavailable() is None
 
 
 def _warn(message, category=DeprecationWarning):
@@ -213,14 +213,12 @@ def test_a_real_triton_kernel_lowered_for_cuda(monkeypatch):
 @pytest.mark.parametrize("shape", [(2**31 - 1,), (1, 2**31 - 1, 1), (1, 1, 2**31 - 1),
                                    (2, 2**30 - 1, 1), (16, 64, 64, 320)], ids=str)
 def test_largest_indexable_tensors(shape):
-  assert ps.fits_int32_offsets(shape)
-  ps.check_index_range(shape, "x")
+  ps.check_index_range(shape, "x")  # does not raise
 
 
 @pytest.mark.parametrize("shape", [(2**31,), (2, 2**30, 1), (2, 32, 1024, 32768),
                                    (1, 65536, 65536)], ids=str)
 def test_too_large_tensors_raise_naming_the_shape(shape):
-  assert not ps.fits_int32_offsets(shape)
   with pytest.raises(ValueError, match=r"cannot index x of shape \(") as e:
     ps.check_index_range(shape, "x")
   message = str(e.value)
@@ -229,14 +227,13 @@ def test_too_large_tensors_raise_naming_the_shape(shape):
 
 
 def test_numpy_integer_dimensions():
-  shape = (np.int64(2), np.int64(2**30))
-  assert not ps.fits_int32_offsets(shape)
-  assert ps.fits_int32_offsets((np.int32(3), np.int64(5)))
+  with pytest.raises(ValueError, match="cannot index x"):
+    ps.check_index_range((np.int64(2), np.int64(2**30)), "x")
+  ps.check_index_range((np.int32(3), np.int64(5)), "x")
 
 
 def test_symbolic_dimensions_are_not_indexable():
   shape = jax.export.symbolic_shape("b, 64, 32")
-  assert not ps.fits_int32_offsets(shape)
   with pytest.raises(ValueError, match="needs static dimensions"):
     ps.check_index_range(shape, "x")
 
@@ -263,11 +260,8 @@ def test_no_triton_deprecation_reaches_a_user_of_gnorm(monkeypatch):
 
 def test_without_the_backend_pallas_names_why_and_auto_keeps_to_xla(fresh_probe, monkeypatch):
   import gnorm
-  from gnorm._src.backends import tuning
 
   monkeypatch.setitem(sys.modules, ps.TRITON_MODULE, None)  # as if this JAX had none
-  # Even with a table that would pick the kernels, "auto" runs XLA.
-  monkeypatch.setattr(tuning, "measured_on_gpu", lambda path=None: True)
   x = np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)
   with pytest.raises(ValueError, match=r"'pallas' needs Pallas's Triton backend, which this JAX"):
     gnorm.group_norm(None, x, 2, implementation="pallas")
@@ -275,17 +269,12 @@ def test_without_the_backend_pallas_names_why_and_auto_keeps_to_xla(fresh_probe,
   np.testing.assert_allclose(y, gnorm.group_norm(None, x, 2, implementation="xla"), atol=0)
 
 
-def test_too_large_for_the_kernels_pallas_refuses_and_auto_keeps_to_xla(monkeypatch):
-  import gnorm
+def test_too_large_for_the_kernels_pallas_refuses_and_auto_accepts():
   from gnorm._src import maths
   from gnorm._src import validation
-  from gnorm._src.backends import tuning
 
   shape = (2, 2**15, 2**15)  # 2**31 elements, never allocated
   cfg = maths.Config(2, 1e-5, 2)
   with pytest.raises(ValueError, match=r"cannot index x of shape \(2, 32768, 32768\)"):
     validation.check_implementation("pallas", cfg, shape, False)
-  monkeypatch.setattr(tuning, "measured_on_gpu", lambda path=None: True)
-  assert validation.check_implementation("auto", cfg, shape, False) == "xla"
-  assert validation.check_implementation("auto", cfg, (2, 4, 8), False) == "auto"
-  del gnorm
+  assert validation.check_implementation("auto", cfg, shape, False) == "auto"

@@ -6,10 +6,6 @@ import pytest
 
 from tests import multidevice_checks
 
-# One subprocess runs every check: under pytest-xdist the module's tests stay
-# on one worker (``--dist loadgroup``), so it runs once.
-pytestmark = pytest.mark.xdist_group("multidevice_checks")
-
 
 @pytest.fixture(scope="module")
 def results():

@@ -1,7 +1,7 @@
 """The JAX implementations in the loop form: gnorm (default, Pallas, previous GPU program),
 flax, equinox and haiku, each compiled once per case and direction, timed, and checked.
 
-``gnorm_prev`` is gnorm's default call traced inside ``backends.forced_plan("xla")``, the
+``gnorm_prev`` is gnorm's default call traced inside ``dispatch.forced("xla")``, the
 plain-maths plan every platform had before the GPU got a plan of its own; the plan is
 fixed when the program is traced, so the loop is traced (and lowered) inside the block.
 """
@@ -65,9 +65,9 @@ def plan_context(impl: str):
   """The context gnorm_prev's program is traced in (the previous GPU program's plan)."""
   if impl != "gnorm_prev":
     return contextlib.nullcontext()
-  from gnorm._src import backends
+  from gnorm._src import dispatch
 
-  return backends.forced_plan("xla")
+  return dispatch.forced("xla")
 
 
 class DeviceData:

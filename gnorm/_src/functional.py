@@ -14,6 +14,7 @@ from jax.typing import ArrayLike
 
 from gnorm._src import array_types
 from gnorm._src import derivative
+from gnorm._src import dispatch
 from gnorm._src import maths
 from gnorm._src import validation
 
@@ -120,9 +121,9 @@ def group_norm(
       every dtype, group count and activation, per-sample gamma/beta, but not
       ``mask``, ``axis_name``, a channel axis with spatial axes on both sides
       or 2**31 elements or more (a ``ValueError`` names the reason).
-      Derivatives of every order work with both. ``"auto"`` picks the kernels
-      on a GPU where a tuning table measured them faster on that GPU model
-      (none is measured yet, so it is ``"xla"`` everywhere today).
+      Derivatives of every order work with both. ``"auto"`` is each
+      platform's default: today ``"xla"`` everywhere, as no GPU has yet
+      measured the kernels faster (docs/gpu_kernels.md).
 
   Returns:
     An array of the shape of ``x``, in ``x``'s dtype (float32 for integer or
@@ -197,8 +198,10 @@ def group_norm(
     # As the seed's layer casts its input to float32.
     x = x.astype(jnp.float32)
   cfg = maths.Config(n_groups, eps, axis, axis_name, activation, axis_index_groups=groups)
-  cfg = cfg._replace(implementation=validation.check_implementation(
-      implementation, cfg, shape, mask is not None))
+  implementation = validation.check_implementation(implementation, cfg, shape, mask is not None)
+  cfg = cfg._replace(implementation=dispatch.requested(implementation))
+  if cfg.implementation == "pallas" and implementation != "pallas":  # forced (tests)
+    validation.check_pallas(cfg, shape, mask is not None)
   # JAX's types beyond shape and dtype (array_types.py): operands varying
   # along the same manual axes, explicit mesh axes made Auto for the maths.
   x, gamma, beta, mask = array_types.match_varying(x, gamma, beta, mask)

@@ -28,11 +28,11 @@ which keeps the two-pass accuracy with a single collective. With
 ``axis_index_groups`` the gather, and the derivative's sum, run within each
 group of devices only.
 
-Functions that touch full-size arrays take a ``Hints`` first (see
-``backends/``): the same maths, steered per platform. CUDA and ROCm GPUs
-reduce the statistics by a plan of their own (``backends/xla_gpu.py``, passed
-to ``forward`` as ``plan``): the same statistics, laid out for XLA:GPU. The
-derivative is in ``derivative.py``.
+Where XLA:CPU needs steering, the maths calls ``backends/xla_cpu.py``'s hooks
+(optimization barriers on the CPU, the identity on every other platform);
+CUDA and ROCm GPUs reduce the statistics by a plan of their own
+(``backends/xla_gpu.py``, passed to ``forward`` as ``moments``). The
+derivative's maths is in ``tangent.py``.
 """
 
 from __future__ import annotations
@@ -41,15 +41,13 @@ import functools
 import math
 from collections.abc import Callable
 from collections.abc import Hashable
-from typing import TYPE_CHECKING
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-if TYPE_CHECKING:  # maths.py needs no backend at run time (backends/ imports it)
-  from gnorm._src.backends.hints import Hints
+from gnorm._src.backends import xla_cpu
 
 
 class Config(NamedTuple):
@@ -60,9 +58,9 @@ class Config(NamedTuple):
   channel_axis: int  # positive: axis 0 is the batch
   axis_name: Hashable | tuple[Hashable, ...] | None = None
   activation: Callable[[jax.Array], jax.Array] | None = None
-  # "xla" (maths.py, lowered with backends/ hints) or "pallas" (the kernels
-  # of backends/pallas.py); resolved from "auto" by validation.py.
-  implementation: str = "xla"
+  # "auto", "xla", "pallas" or a name of dispatch.IMPLEMENTATIONS; each
+  # platform resolves "auto" and "xla" when the program is lowered.
+  implementation: str = "auto"
   # With axis_name: statistics combined within these groups of indices along
   # it (as lax.psum's argument), tuples so that the Config stays hashable.
   axis_index_groups: tuple[tuple[int, ...], ...] | None = None
@@ -208,24 +206,24 @@ def pivot(x: jax.Array, mask: jax.Array | None, cfg: Config) -> jax.Array | None
   return jnp.broadcast_to(k, (x.shape[0], cfg.n_groups))
 
 
-def moments(h: Hints, v: View, xv: jax.Array, mv: jax.Array | None,
-            k: jax.Array | None, cfg: Config):
+def moments(cfg: Config, x: jax.Array, mask: jax.Array | None, v: View, xv: jax.Array,
+            mv: jax.Array | None):
   """Per-(sample, group) count, mean and biased variance, each ``(N, G)``.
 
   Args:
-    h: the platform's hints.
+    cfg: the settings; with ``cfg.axis_name`` the statistics cover every
+      shard along that axis.
+    x: the input, and ``mask`` its mask (or None), as ``forward`` got them.
     v: the view of ``x``.
     xv: ``x`` reshaped to ``v``, in its own dtype.
     mv: the mask reshaped by ``v.mask`` (True = counted), or None.
-    k: the ``pivot`` of each (sample, group), or None (no shift).
-    cfg: the settings; with ``cfg.axis_name`` the statistics cover every
-      shard along that axis.
 
   Returns:
     ``(count, mean, var)`` in the compute dtype. A group with no counted
     element has count 0, mean 0 and variance 0; a constant group has
     variance exactly 0.
   """
+  k = pivot(x, mask, cfg)
   c, g = v.channels, cfg.n_groups
   cdt = compute_dtype(xv.dtype)
   if mv is None:
@@ -234,18 +232,18 @@ def moments(h: Hints, v: View, xv: jax.Array, mv: jax.Array | None,
     count = group_sum(v.count_nc(mv, cdt), g)
   safe = jnp.maximum(count, 1)
   if k is None:
-    (x1,) = h.separate(xv)
-    s1 = h.fence(v.sum_nc(masked(mv, x1.astype(cdt))))
+    (x1,) = xla_cpu.pass_inputs(xv)
+    s1 = xla_cpu.barrier(v.sum_nc(masked(mv, x1.astype(cdt))))
     mean = group_sum(s1, g) / safe
   else:
-    x1, k_c = h.separate(xv, per_channel(k, c))
-    s1 = h.fence(v.sum_nc(masked(mv, x1.astype(cdt) - v.bc(k_c))))
+    x1, k_c = xla_cpu.pass_inputs(xv, per_channel(k, c))
+    s1 = xla_cpu.barrier(v.sum_nc(masked(mv, x1.astype(cdt) - v.bc(k_c))))
     mean = k + group_sum(s1, g) / safe
   # Two passes, not E[x^2] - E[x]^2: the one-pass formula cancels the digits
   # of the variance when |mean| >> std (pytorch#40302: randn * 0.01 + 100).
-  x2, mean_c = h.separate(xv, per_channel(mean, c))
+  x2, mean_c = xla_cpu.pass_inputs(xv, per_channel(mean, c))
   xc = masked(mv, x2.astype(cdt) - v.bc(mean_c))
-  m2 = group_sum(h.fence(v.sum_nc(xc * xc)), g)
+  m2 = group_sum(xla_cpu.barrier(v.sum_nc(xc * xc)), g)
   if cfg.axis_name is not None:
     count, mean, m2 = combine_shards(count, mean, m2, cfg.axis_name, cfg.axis_index_groups)
   return count, mean, m2 / jnp.maximum(count, 1)
@@ -280,35 +278,39 @@ def shard_sum(t: jax.Array, cfg: Config) -> jax.Array:
                  axis=0)
 
 
+def rsqrt_or_zero(var_eps: jax.Array, rsqrt=lax.rsqrt) -> jax.Array:
+  """``1 / sqrt(var_eps)`` where ``var_eps > 0``, and 0 where it is not.
+
+  The rule for a group whose variance plus eps is 0 (eps=0 and a constant
+  or single-element group) or that counts nothing: it normalises to 0, not
+  to 0 * inf = NaN. The double ``where`` keeps the gradient finite there
+  too. The kernels (``backends/pallas_triton.py``) apply the same rule.
+  """
+  return jnp.where(var_eps > 0, rsqrt(jnp.where(var_eps > 0, var_eps, 1)), 0)
+
+
 def rstd_of(var: jax.Array, count: jax.Array | None, cfg: Config, rsqrt=lax.rsqrt):
-  """``1 / sqrt(var + eps)``, and 0 where that is undefined.
+  """``1 / sqrt(var + eps)``, and 0 where that is undefined (``rsqrt_or_zero``).
 
   var is a mean of squares, never negative; eps goes inside the square root,
-  as in the paper and the seed. A group whose var + eps is 0 (eps=0 and a
-  constant or single-element group) or, with a mask (``count`` given), that
-  counts nothing gets rstd = rsqrt(inf) = 0: its normalised values are 0, not
-  0 * inf = NaN, and so are the gradients through them (rsqrt's derivative
-  at inf is 0, and where's cotangent to inf is dropped). Decided at trace
-  time: with eps > 0 and no mask no group can be empty or have var + eps = 0,
-  and nothing is added to the program.
+  as in the paper and the seed. With a mask (``count`` given), a group that
+  counts nothing gets 0 too. Decided at trace time: with eps > 0 and no mask
+  no group can have var + eps = 0, and nothing is added to the program.
   """
   var_eps = var + jnp.asarray(cfg.eps, var.dtype)
-  empty = []
-  if cfg.eps == 0:
-    empty.append(var_eps <= 0)
   if count is not None:
-    empty.append(count <= 0)
-  if empty:
-    var_eps = jnp.where(functools.reduce(jnp.logical_or, empty), jnp.inf, var_eps)
+    var_eps = jnp.where(count > 0, var_eps, jnp.zeros((), var_eps.dtype))
+  if cfg.eps == 0 or count is not None:
+    return rsqrt_or_zero(var_eps, rsqrt)
   return rsqrt(var_eps)
 
 
-def preactivation(h: Hints, v: View, xv, mv, gamma, beta, mean, rstd, tag=()):
+def preactivation(v: View, xv, mv, gamma, beta, mean, rstd, tag=()):
   """``(x - mean) * rstd * gamma + beta`` in the compute dtype.
 
   Masked-out positions get ``beta`` (their centred value is taken as 0), so
   nothing there, not even NaN, reaches an output or a gradient. ``tag``:
-  extra operands for ``h.separate`` that make this pass's handle distinct
+  extra operands for ``xla_cpu.pass_inputs`` that make this pass's handle distinct
   when another pass starts from the same operands.
   """
   c = v.channels
@@ -318,32 +320,30 @@ def preactivation(h: Hints, v: View, xv, mv, gamma, beta, mean, rstd, tag=()):
     scale = scale * gamma.astype(cdt)
   # (x - mean) * scale + beta keeps the digits that folding everything into
   # x * scale + (beta - mean * scale) would cancel when |mean| is large.
-  xq, mean_c, scale, *_ = h.separate(xv, per_channel(mean, c), scale, *tag)
+  xq, mean_c, scale, *_ = xla_cpu.pass_inputs(xv, per_channel(mean, c), scale, *tag)
   z = masked(mv, xq.astype(cdt) - v.bc(mean_c)) * v.bc(scale)
   if beta is not None:
     z = z + v.bc(beta.astype(cdt))
   return z
 
 
-Moments = Callable[[View, jax.Array, "jax.Array | None", Config], tuple]
-"""A reduction plan's ``moments(v, xv, mv, cfg) -> (count, mean, var)``."""
+Moments = Callable[..., tuple]
+"""A reduction plan: ``moments(cfg, x, mask, v, xv, mv) -> (count, mean, var)``."""
 
 
-def forward(h: Hints, cfg: Config, x, gamma, beta, mask, plan: Moments | None = None):
+def forward(cfg: Config, x, gamma, beta, mask, *, moments: Moments = moments,
+            rsqrt: Callable[[jax.Array], jax.Array] = xla_cpu.rsqrt):
   """``(y, (count, mean, rstd))``: the output in ``x``'s dtype and the stats.
 
-  ``plan``: how the statistics are reduced (see ``backends/``); by default
-  ``moments`` above, with ``h``'s hints.
+  ``moments`` reduces the statistics (``backends/xla_gpu.py`` has the GPU's
+  plan) and ``rsqrt`` turns their variance into ``rstd``.
   """
   v = view(x.shape, cfg.channel_axis)
   xv = x.reshape(v.shape)
   mv = None if mask is None else v.mask(mask, x.shape)
-  if plan is None:
-    count, mean, var = moments(h, v, xv, mv, pivot(x, mask, cfg), cfg)
-  else:
-    count, mean, var = plan(v, xv, mv, cfg)
-  rstd = rstd_of(var, None if mv is None else count, cfg, h.rsqrt)
-  z = preactivation(h, v, xv, mv, gamma, beta, mean, rstd)
+  count, mean, var = moments(cfg, x, mask, v, xv, mv)
+  rstd = rstd_of(var, None if mv is None else count, cfg, rsqrt)
+  z = preactivation(v, xv, mv, gamma, beta, mean, rstd)
   if cfg.activation is not None:
     z = cfg.activation(z)
   # Masked-out positions output 0, like the padding they stand for.

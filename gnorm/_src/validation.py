@@ -345,34 +345,24 @@ def check_implementation_name(implementation: Any, shape: tuple[int, ...] | None
 
 def check_implementation(implementation: Any, cfg, shape: tuple[int, ...],
                          has_mask: bool) -> str:
-  """Resolves ``implementation`` to ``"xla"``, ``"pallas"`` or ``"auto"``.
-
-  ``"auto"`` stays ``"auto"`` only where the Pallas kernels could run (the
-  options they cover, this JAX's Triton backend, int32 indices): the program
-  then picks them when it is lowered, on a GPU where a tuning table says they
-  were measured faster there (``backends/tuning.py``), XLA otherwise.
-  ``"pallas"`` raises, naming the reason, where the kernels cannot run.
-  """
-  from gnorm._src.backends import pallas_support  # noqa: PLC0415 - probes Pallas on first use
-  from gnorm._src.backends import tuning  # noqa: PLC0415
-
+  """``implementation``, checked: ``"pallas"`` raises, naming the reason,
+  where the kernels cannot run; ``"auto"`` and ``"xla"`` run everywhere."""
   check_implementation_name(implementation, shape)
-  if implementation == "xla":
-    return implementation
-  why = pallas_support.unsupported(cfg, shape, has_mask)
   if implementation == "pallas":
-    missing = pallas_support.why_unavailable()
-    if missing is not None:
-      raise ValueError(f"{pallas_support.unavailable_message(missing)} Input shape {shape}.")
-    if why is not None:
-      raise ValueError(
-          f"implementation='pallas' does not support {why}; input shape {shape}. "
-          "Use implementation='auto' or 'xla' (the XLA path covers every option).")
-    pallas_support.check_index_range(shape, "x")
-    return implementation
-  # Cheapest first: with no GPU measurement in the table, nothing to decide
-  # (and no Pallas to import).
-  if (tuning.measured_on_gpu() and why is None and pallas_support.fits_int32_offsets(shape)
-      and pallas_support.triton_available()):
-    return "auto"
-  return "xla"
+    check_pallas(cfg, shape, has_mask)
+  return implementation
+
+
+def check_pallas(cfg, shape: tuple[int, ...], has_mask: bool) -> None:
+  """Raises a ``ValueError`` naming why the Pallas kernels cannot run this call."""
+  from gnorm._src.backends import pallas_support  # noqa: PLC0415 - probes Pallas on first use
+
+  missing = pallas_support.why_unavailable()
+  if missing is not None:
+    raise ValueError(f"{pallas_support.unavailable_message(missing)} Input shape {shape}.")
+  why = pallas_support.unsupported(cfg, shape, has_mask)
+  if why is not None:
+    raise ValueError(
+        f"implementation='pallas' does not support {why}; input shape {shape}. "
+        "Use implementation='auto' or 'xla' (the XLA path covers every option).")
+  pallas_support.check_index_range(shape, "x")

@@ -1,33 +1,19 @@
 """``implementation="pallas"``: the forward and the backward by Pallas kernels.
 
 The kernels are in ``pallas_triton.py`` (forward) and ``pallas_triton_vjp.py``
-(backward); this module prepares their per-(sample, channel) inputs and
-finishes their per-block partial results in XLA. They are lowered through
-``primitives.py`` like every plan: on CUDA they compile with Triton; on every
-other platform they run in Pallas's interpreter, which is what CI tests (and
-is far too slow for anything else: ``"auto"`` never picks it there).
+(backward); this module prepares their inputs and finishes their per-block
+results. On CUDA they compile with Triton; elsewhere they run in Pallas's
+interpreter (for tests: far too slow for anything else).
 
-The forward, both plans exact (two-pass or Chan et al.'s combine, never
-E[x^2] - E[x]^2):
-
-* a (sample, group) that fits in one block (``ONE_PASS_MAX_ELEMENTS``), when
-  there are enough of them to fill the GPU (``ONE_PASS_MIN_PROGRAMS``): one
-  program per (sample, group) holds it in registers, computes its mean and
-  variance in two passes over the registers and writes the output: ``x`` is
-  read once;
-* otherwise: the first kernel reduces each block of rows and channels to a
-  mean and a sum of squared deviations per channel, this module combines
-  those per (sample, group) with Chan's pairwise formula, and the second
-  kernel reads ``x`` once more and writes ``y``: two reads and one write,
-  over as many programs as there are blocks, whatever the batch.
-
-The backward (``cotangent``): a kernel sums ``dz`` and ``dz * (x - mean)``
-per block and channel, this module turns those into ``dgamma``, ``dbeta``
-and per-(sample, channel) coefficients, and a second kernel writes ``dx``:
-two reads of ``x`` and the cotangent, one write of ``dx``.
-
-Derivatives of higher order are those of the XLA maths (``primitives.py``),
-so ``jvp``, ``jacfwd``, ``hessian`` and ``check_grads`` keep working.
+The forward, exact either way (two passes, or Chan et al.'s combine): with
+enough (sample, group) pairs to fill a GPU (``ONE_PASS_MIN_PROGRAMS``) and a
+group that fits in one block, one program per pair holds it in registers and
+reads ``x`` once; otherwise a first kernel reduces blocks of rows and
+channels to partial moments, a combining kernel finishes them per (sample,
+group), and a second pass writes ``y``. The backward: a kernel sums ``dz``
+and ``dz * (x - mean)`` per block and channel, a combining kernel turns them
+into ``dgamma``, ``dbeta`` and dx's coefficients, and a last kernel writes
+``dx``.
 """
 
 from __future__ import annotations
@@ -71,13 +57,12 @@ def kernel_activation(activation):
   return _gelu if activation is maths.ACTIVATIONS["gelu"] else activation
 
 
-def forward(cfg: maths.Config, x, gamma, beta, *, interpret: bool,
-            chosen: pallas_triton.Block | None = None):
-  """Like ``maths.forward``: ``(y, (count, mean, rstd))``, by the kernels
-  (``chosen``: tiles from a sweep, else the heuristic's)."""
+def forward(cfg: maths.Config, x, gamma, beta, mask, *, interpret: bool):
+  """Like ``maths.forward``: ``(y, (count, mean, rstd))``, by the kernels."""
+  del mask  # None: validation sends masks to XLA
   v = maths.view(x.shape, cfg.channel_axis)
   n, c, s = v.shape[0], v.channels, v.spatial_size
-  t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2, chosen=chosen)
+  t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2)
   cdt = maths.compute_dtype(x.dtype)
   xv = x.reshape(v.shape)
   g = cfg.n_groups
@@ -107,20 +92,15 @@ def _affine(gamma, beta, c: int, cdt):
 
 
 def cotangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, ct, *,
-              interpret: bool, chosen: pallas_triton.Block | None = None):
-  """``(dx, dgamma, dbeta)`` for cotangent ``ct``, by the kernels.
-
-  The contract of ``xla_gpu_vjp.cotangent``: ``gamma`` and ``beta`` ``None``
-  or ``(1, C)`` / ``(N, C)`` (``beta`` may be a shape-and-dtype stand-in
-  without an activation), parameter cotangents in their shapes and dtypes.
-  """
-  del mask, count  # None: ``unsupported`` sends masks to the XLA path
+              interpret: bool):
+  """``(dx, dgamma, dbeta)`` for cotangent ``ct``, by the kernels (the
+  contract of ``tangent.cotangent``)."""
+  del mask, count  # None: validation sends masks to XLA
   v = maths.view(x.shape, cfg.channel_axis)
   n, c, s = v.shape[0], v.channels, v.spatial_size
-  t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2, chosen=chosen)
+  t = pallas_triton.tiling(n, s, c, channels_last=v.c_pos == 2, backward=True)
   cdt = mean.dtype
-  # beta matters only through the activation (without one it may be a
-  # shape-and-dtype stand-in, and the kernels do not read it).
+  # beta matters only through the activation.
   gam, bet = _affine(gamma, beta if cfg.activation is not None else None, c, cdt)
   if cfg.activation is None:
     bet = gam  # any (1, C) array: no zeros to make for nothing

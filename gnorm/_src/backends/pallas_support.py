@@ -1,19 +1,12 @@
 """What ``implementation="pallas"`` needs from JAX, checked in one place.
 
-The kernels (``pallas_triton.py``, ``pallas_triton_vjp.py``) are written for
-Pallas's Triton backend, ``jax.experimental.pallas.triton``. This module says
-
-* whether this JAX has that backend (``triton_available``, ``why_unavailable``,
-  ``unavailable_message``): JAX 0.11.0 deprecated it in favour of Mosaic GPU
-  and a later version may drop it, and ``implementation="pallas"`` must then
-  fail with an error a user can act on while ``"auto"`` keeps to XLA;
-* how to keep the backend's deprecation warning from users
-  (``quiet_deprecations``, ``quiet_lowering``);
-* whether a tensor is small enough for the kernels' 32-bit index arithmetic
-  (``fits_int32_offsets``, ``check_index_range``).
-
-Nothing here imports Pallas at gnorm's import time: the probe runs on its
-first call and its answer is cached.
+The kernels are written for Pallas's Triton backend,
+``jax.experimental.pallas.triton``, which JAX 0.11 deprecated. This module
+says whether this JAX has it (``why_unavailable``), keeps its deprecation
+warning from users (``quiet_lowering``), and refuses tensors too large for
+the kernels' 32-bit index arithmetic (``check_index_range``;
+docs/gpu_kernels.md has the analysis). Nothing here imports Pallas at
+gnorm's import time: the probe runs on first use and is cached.
 """
 
 from __future__ import annotations
@@ -57,21 +50,11 @@ _T = TypeVar("_T")
 def quiet_deprecations() -> Iterator[None]:
   """Silences the Pallas Triton backend's deprecation warning, and only it.
 
-  The warning is about gnorm's own use of the backend, which gnorm tracks
-  (``docs/gpu_kernels.md``): a user can do nothing about it, so it must not
-  reach them. Any other warning, another ``DeprecationWarning`` included,
-  still does.
-
-  JAX emits it when a ``pallas_call`` is *lowered* for CUDA or ROCm, not when
-  it is traced: under a user's ``jax.jit`` that is after gnorm's Python code
-  has returned. So wrap the code that lowers the kernels (``quiet_lowering``
-  wraps a lowering rule), not only the code that traces them.
-
-  ``warnings.catch_warnings`` swaps the process-wide filter list, which is
-  not thread-safe: a warning raised by another thread while the context is
-  open is filtered by it too, and two threads entering and leaving it out of
-  order can restore each other's filters. Keep the scope to the lowering of
-  gnorm's kernels and nothing else.
+  The warning is about gnorm's own use of the backend: a user can do nothing
+  about it. JAX emits it when a ``pallas_call`` is lowered, after gnorm's
+  Python code has returned under a user's ``jit``; so it wraps lowering rules
+  (``quiet_lowering``). ``warnings.catch_warnings`` is not thread-safe: keep
+  the scope to the lowering of gnorm's kernels.
   """
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=re.escape(TRITON_DEPRECATION),
@@ -117,11 +100,6 @@ def why_unavailable() -> str | None:
   return None
 
 
-def triton_available() -> bool:
-  """Whether this JAX has the Pallas Triton backend the kernels are written for."""
-  return why_unavailable() is None
-
-
 def unavailable_message(why: str) -> str:
   """The error for ``implementation="pallas"`` when ``why_unavailable()`` is ``why``."""
   return (f"implementation='pallas' needs Pallas's Triton backend, which this JAX "
@@ -137,52 +115,12 @@ def _size(shape: Sequence[Any]) -> int | None:
   return math.prod(int(d) for d in shape)  # Python ints: exact at any size
 
 
-def fits_int32_offsets(shape: Sequence[Any]) -> bool:
-  """Whether the kernels can index a tensor of ``shape`` (at most
-  ``MAX_ELEMENTS`` elements, static dimensions); for ``"auto"`` to fall back
-  to XLA without raising."""
-  size = _size(shape)
-  return size is not None and size <= MAX_ELEMENTS
-
-
 def check_index_range(shape: Sequence[Any], what: str) -> None:
   """Raises before launch when the kernels cannot index ``what`` of ``shape``.
 
-  What overflows, read from ``pallas_triton.py`` (the backward's kernels use
-  the same ``block``) and from Pallas's Triton lowering in JAX 0.10.2 and
-  0.11.2 (``_compute_offsets_from_indices``, ``_process_grid_to_3d_grid``):
-
-  * program ids and the kernels' own index arithmetic are int32: the row and
-    channel indices ``k * bs + arange(bs)`` and ``j * bc + arange(bc)`` and
-    the ``pl.ds`` starts ``k * bs``, ``j * bc``, ``g * cg``. Each is bounded
-    by ``S`` or ``C`` rounded up to a power-of-two block, hence below 2**31
-    whenever the tensor has fewer than 2**31 elements, and not beyond. (The
-    combining kernels' row counts ``S - k * bs`` for row blocks ``k`` past
-    the last may wrap; a ``where`` discards them.);
-  * the element offset of a load or store is
-    ``n * S * C + s * C + c`` for element ``(n, s, c)`` of the channels-last
-    view (``n * C * S + c * S + s`` channels first): at most ``size - 1``.
-    Pallas computes it in int32 when the array takes at most 2**32 bytes and
-    in int64 above, so for gnorm's dtypes (2 bytes or more) the offset of an
-    element that is loaded or stored fits either way; the masked-off lanes
-    of a tail block (rows or channels past the end, never loaded or stored)
-    can point past the end, by less than a block along each axis, and wrap
-    in int32;
-  * a grid axis over 65,535 blocks (the CUDA limit on grid y and z) is folded
-    into the x axis by Pallas, which asserts that the product stays below
-    2**31 - 1 programs: fewer than there are elements.
-
-  So up to ``MAX_ELEMENTS`` (2**31 - 1) elements every one of these values
-  fits in int32, whatever the shape. Beyond, it depends on the shape: with
-  ``S >= 2**31`` the constant ``S`` of ``rows < S`` is itself out of int32's
-  range (JAX raises an ``OverflowError`` while tracing), while a large batch
-  of small samples would still index correctly. The check is the simple
-  bound on the total size, which holds for every shape, and its error names
-  the shape and the way out.
-
-  Args:
-    shape: the tensor's shape (static integers).
-    what: what the tensor is, for the message (``"x"``, ``"the cotangent"``).
+  Up to ``MAX_ELEMENTS`` (2**31 - 1) elements every index and offset the
+  kernels and Pallas's Triton lowering compute fits in int32, whatever the
+  shape; beyond, it depends on the shape, so the bound is on the total size.
 
   Raises:
     ValueError: ``shape`` has more than ``MAX_ELEMENTS`` elements, or a

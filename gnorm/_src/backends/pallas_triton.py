@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gnorm._src import array_types
+from gnorm._src import maths
 
 # Elements per block: 8192 keeps a float32 block in registers with 4-8 warps.
 _BLOCK_ELEMENTS = 8192
@@ -49,13 +50,14 @@ _MAX_BC_LAST = 128
 _MAX_BS_FIRST = 512
 
 
-def _pow2_at_least(n: int) -> int:
+def pow2_at_least(n: int) -> int:
+  """The least power of two >= ``n`` (a block that covers ``n``)."""
   return 1 << max(0, (n - 1).bit_length())
 
 
 class Block(NamedTuple):
   """A tile choice: rows and channels per block (powers of two), Triton warps
-  (0: the heuristic's). From a GPU sweep (``tuning.py``) or forced by one."""
+  (0: the heuristic's)."""
 
   bs: int
   bc: int
@@ -78,35 +80,36 @@ class Tiling(NamedTuple):
     return (self.n, pl.cdiv(self.s, self.bs), pl.cdiv(self.c, self.bc))
 
 
-_forced: list[Block] = []
+_override: list[tuple[Block | None, Block | None]] = []
 
 
 @contextlib.contextmanager
-def forced_block(b: Block) -> Iterator[None]:
-  """While lowering inside it, every block-tiled kernel uses ``b`` (private:
-  the tile sweep of ``benchmarks/pallas_sweep.py``)."""
-  if b.bs & (b.bs - 1) or b.bc & (b.bc - 1) or b.bs < 1 or b.bc < 1:
-    raise ValueError(f"block sizes must be powers of two, got {b}")
-  _forced.append(b)
+def tiles(forward: Block | None = None, backward: Block | None = None) -> Iterator[None]:
+  """While lowering inside it, the block-tiled kernels of the forward and of
+  the backward use these tiles (private: for a benchmark to try others)."""
+  for b in (forward, backward):
+    if b is not None and (b.bs < 1 or b.bc < 1 or b.bs & (b.bs - 1) or b.bc & (b.bc - 1)):
+      raise ValueError(f"block sizes must be powers of two, got {b}")
+  _override.append((forward, backward))
   try:
     yield
   finally:
-    _forced.pop()
+    _override.pop()
 
 
-def tiling(n: int, s: int, c: int, channels_last: bool, chosen: Block | None = None) -> Tiling:
-  """``chosen`` (or a forced block), else power-of-two blocks of at most
-  ``_BLOCK_ELEMENTS`` elements; never larger than the array needs."""
-  chosen = _forced[-1] if _forced else chosen
+def tiling(n: int, s: int, c: int, channels_last: bool, backward: bool = False) -> Tiling:
+  """Power-of-two blocks of at most ``_BLOCK_ELEMENTS`` elements, never larger
+  than the array needs (or the tiles of ``tiles``)."""
+  chosen = _override[-1][backward] if _override else None
   if chosen is not None:
-    return Tiling(n, s, c, min(chosen.bs, _pow2_at_least(s)), min(chosen.bc, _pow2_at_least(c)),
+    return Tiling(n, s, c, min(chosen.bs, pow2_at_least(s)), min(chosen.bc, pow2_at_least(c)),
                   channels_last, chosen.warps)
   if channels_last:
-    bc = min(_pow2_at_least(c), _MAX_BC_LAST)
-    bs = min(_pow2_at_least(s), max(1, _BLOCK_ELEMENTS // bc))
+    bc = min(pow2_at_least(c), _MAX_BC_LAST)
+    bs = min(pow2_at_least(s), max(1, _BLOCK_ELEMENTS // bc))
   else:
-    bs = min(_pow2_at_least(s), _MAX_BS_FIRST)
-    bc = min(_pow2_at_least(c), max(1, _BLOCK_ELEMENTS // bs))
+    bs = min(pow2_at_least(s), _MAX_BS_FIRST)
+    bc = min(pow2_at_least(c), max(1, _BLOCK_ELEMENTS // bs))
   return Tiling(n, s, c, bs, bc, channels_last)
 
 
@@ -168,8 +171,8 @@ def over_blocks(t: Tiling, cg: int, body, init):
   ``(KB, CGP)`` and the slice of the group's channels ``cs``."""
   g = pl.program_id(1)
   k_total = t.grid[1]
-  cgp = _pow2_at_least(cg)
-  kb = min(_pow2_at_least(k_total), max(1, FINISH_BLOCK_ELEMENTS // cgp))
+  cgp = pow2_at_least(cg)
+  kb = min(pow2_at_least(k_total), max(1, FINISH_BLOCK_ELEMENTS // cgp))
   cs = pl.ds(g * cg, cgp)
   col_ok = jnp.arange(cgp) < cg
 
@@ -204,10 +207,8 @@ def _finish_kernel(mean_ref, m2_ref, out_mean_ref, out_rstd_ref, *, t: Tiling, c
     return acc + jnp.sum(bm2) + jnp.sum(rows(ks)[:, None] * dev * dev)
 
   var_eps = over_blocks(t, cg, m2, jnp.zeros((), cdt)) / count + eps
-  # As maths.rstd_of: a group with var + eps = 0 (eps=0, constant) gets 0.
   out_mean_ref[n, g] = mean
-  out_rstd_ref[n, g] = jnp.where(var_eps > 0, jax.lax.rsqrt(jnp.where(var_eps > 0, var_eps, 1)),
-                                 0)
+  out_rstd_ref[n, g] = maths.rsqrt_or_zero(var_eps)
 
 
 def _normalise_kernel(x_ref, mean_ref, rstd_ref, gamma_ref, beta_ref, y_ref, *, t: Tiling, cdt,
@@ -243,7 +244,7 @@ class GroupTiling(NamedTuple):
 
 def group_tiling(n: int, s: int, c: int, groups: int, channels_last: bool) -> GroupTiling | None:
   """The one-pass tiling, or None when a group does not fit in one block."""
-  bs, bg = _pow2_at_least(s), _pow2_at_least(c // groups)
+  bs, bg = pow2_at_least(s), pow2_at_least(c // groups)
   if bs * bg > ONE_PASS_MAX_ELEMENTS:
     return None
   return GroupTiling(n, s, c, groups, bs, bg, channels_last)
@@ -267,8 +268,7 @@ def _one_pass_kernel(x_ref, gamma_ref, beta_ref, y_ref, mean_ref, rstd_ref, *, t
   mean = jnp.sum(x) / count
   xc = jnp.where(valid, x - mean, jnp.zeros((), cdt))
   var_eps = jnp.sum(xc * xc) / count + eps
-  # As maths.rstd_of: a group with var + eps = 0 (eps=0, constant) gets 0.
-  rstd = jnp.where(var_eps > 0, jax.lax.rsqrt(jnp.where(var_eps > 0, var_eps, 1)), 0)
+  rstd = maths.rsqrt_or_zero(var_eps)
   gamma = parameter(gamma_ref, n, cs, col_ok)
   beta = parameter(beta_ref, n, cs, col_ok)
   z = xc * per_channel(rstd * gamma) + per_channel(beta)

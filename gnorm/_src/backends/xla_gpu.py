@@ -1,37 +1,23 @@
 """XLA on CUDA and ROCm GPUs: the statistics' own reduction plan.
 
-The maths is ``maths.py``'s; what differs is how the reductions are laid out,
-because XLA:GPU compiles the CPU's layout badly. Seen in XLA:GPU's own
-compiled programs (jax 0.10.2, compiled for an H200 without one:
-``benchmarks/xla_gpu_plan.py``) and in the H200 timings of GPU_NOTES.md:
+The maths is ``maths.py``'s; what differs is how the reductions are laid out.
+XLA:GPU runs a reduction of ``(N, S, C)`` over ``S`` with one thread block per
+64 output columns (10 blocks for 2x64x64x320), and then finds it cheaper to
+write ``x - mean`` out in float32 than to fuse it into so slow a reduction
+(``benchmarks/xla_gpu_plan.py`` shows both in XLA's compiled programs). So
+every reduction here has two stages: a highly parallel first one sums
+*partials* of at most ``R_MAX`` consecutive elements of one channel, a small
+second one combines them per (sample, group), and a barrier (an
+optimization barrier on CUDA and ROCm only) keeps XLA from merging them back.
 
-* a reduction of ``(N, S, C)`` over ``S`` to ``(N, C)`` (or to ``(N, G)``,
-  which XLA splits into the same thing) launches one block per 64 output
-  columns: 10 blocks for 2x64x64x320, on a GPU with 132 SMs. XLA's cost model
-  then finds it cheaper to write ``x - mean`` out in float32 and reduce that
-  than to fuse the subtraction into so slow a reduction: a bfloat16 forward
-  moved 9 x-sizes instead of 3;
-* two sums of the same elementwise operand become two reductions that each
-  recompute it, or one that reads it back from memory.
-
-So each reduction here is split in two stages: every *partial* (at most
-``R_MAX`` = 64 consecutive elements of one channel of one sample) is summed
-by a first, highly parallel reduction, and a small second reduction combines
-the partials of each (sample, group). A barrier of this module's
-(``gpu_barrier_p``: an optimization barrier on CUDA and ROCm only) keeps XLA
-from merging the two stages back into one slow reduction.
-
-The variance is a *shifted* one-pass form with an exact combine, never
-``E[x^2] - E[x]^2``: each partial sums ``x - k`` and ``(x - k)^2`` around
-its own first element ``k``, which gives its mean and its sum of squared
-deviations; partials then combine exactly (Chan et al.). Rounding in a
-partial grows as ``((mean_p - k) / std_p)^2``, and no element of ``r``
-values lies further than ``sqrt(r - 1)`` standard deviations from their mean
-(Samuelson's inequality), so the variance's relative error is bounded by
-about ``r * eps`` = 64 * 2^-24 = 4e-6 whatever the data: ``x`` is read once
-for the statistics, with a data-independent bound. With a mask the pivot may
-be padding, so the masked plan takes two passes: a group mean, then shifted
-sums around it (the corrected two-pass form), still with split reductions.
+The variance is a shifted one-pass form with an exact combine, never
+``E[x^2] - E[x]^2``: each partial sums ``x - k`` and ``(x - k)^2`` around its
+own first element ``k``; partials combine exactly (Chan et al.). No element
+of ``r`` values lies further than ``sqrt(r - 1)`` standard deviations from
+their mean (Samuelson's inequality), so the variance's relative error is
+bounded by about ``r * eps`` = 64 * 2^-24 whatever the data, with ``x`` read
+once. With a mask the pivot may be padding: two passes (a group mean, then
+shifted sums around it), still split.
 """
 
 from __future__ import annotations
@@ -57,7 +43,7 @@ R_MIN = 8
 # into the backward's first stage and writes it out instead.)
 MIN_PARTIALS = 1 << 16
 
-gpu_barrier_p, stage = platform_barrier("gnorm_gpu_barrier", ("cuda", "rocm"))
+gpu_barrier_p, barrier = platform_barrier("gnorm_gpu_barrier", ("cuda", "rocm"))
 
 
 class Chunks(NamedTuple):
@@ -157,13 +143,15 @@ def _first_of_groups(t: jax.Array, g: int) -> jax.Array:
   return t[:, :: t.shape[1] // g]
 
 
-def moments(v: maths.View, xv: jax.Array, mv: jax.Array | None, cfg: maths.Config):
+def moments(cfg: maths.Config, x: jax.Array, mask: jax.Array | None, v: maths.View,
+            xv: jax.Array, mv: jax.Array | None):
   """``maths.Moments`` for the GPU: ``(count, mean, var)`` per (sample, group).
 
   Same contract as ``maths.moments`` (exact zero variance for a constant
   group, an empty masked group has count, mean and variance 0, shards
   combined over ``cfg.axis_name``), with the reductions of this module.
   """
+  del x, mask  # read through their views
   ch = chunks(v)
   g = cfg.n_groups
   cdt = maths.compute_dtype(xv.dtype)
@@ -187,7 +175,7 @@ def _pivoted(x6, ch: Chunks, g: int, cdt):
   """
   k = x6[:, :, :1, :, :, :1].astype(cdt)
   d = x6.astype(cdt) - k
-  s1, s2 = stage(sums(d, d * d))
+  s1, s2 = barrier(sums(d, d * d))
   r = ch.r
   mean_p = k[:, :, 0, :, :, 0] + s1 / r
   m2_p = jnp.maximum(s2 - s1 * (s1 / r), 0)
@@ -214,10 +202,15 @@ def _masked(x6, m6, g: int, cdt):
   k = _first_of_groups(jnp.broadcast_to(first, (n, c)), g)
   ones = jnp.broadcast_to(m6, x6.shape).astype(cdt)
   d = maths.masked(m6, x6.astype(cdt) - bc(maths.per_channel(k, c)))
-  count_c, s_c = _per_channel_sums(*stage(sums(ones, d)))
+  count_c, s_c = _per_channel_sums(*barrier(sums(ones, d)))
   count = maths.group_sum(count_c, g)
   safe = jnp.maximum(count, 1)
   mean = k + maths.group_sum(s_c, g) / safe
   e = maths.masked(m6, x6.astype(cdt) - bc(maths.per_channel(mean, c)))
-  q1, q2 = (maths.group_sum(q, g) for q in _per_channel_sums(*stage(sums(e, e * e))))
+  q1, q2 = (maths.group_sum(q, g) for q in _per_channel_sums(*barrier(sums(e, e * e))))
   return count, mean + q1 / safe, jnp.maximum(q2 - q1 * (q1 / safe), 0)
+
+
+def forward(cfg: maths.Config, x, gamma, beta, mask):
+  """``maths.forward`` with this module's statistics."""
+  return maths.forward(cfg, x, gamma, beta, mask, moments=moments, rsqrt=lax.rsqrt)

@@ -1,11 +1,9 @@
 """XLA on CUDA and ROCm GPUs: the cotangent map (the backward pass) in closed form.
 
-On the CPU the backward pass is JAX's transpose of the tangent map
-(``derivative.tangent``), which XLA:CPU compiles into two passes over ``x``
-and the cotangent. XLA:GPU compiled that same transpose into 12 kernels for
-a bfloat16 2x64x64x320 input, with the float32 ``x - mean`` and
-``dy * xhat`` written out at full size (GPU_NOTES.md). Here the backward is
-written out directly, with ``xla_gpu.py``'s split reductions:
+XLA:GPU compiles JAX's transpose of the tangent map (``tangent.py``, what the
+CPU runs) into many kernels, with the float32 ``x - mean`` and ``dy * xhat``
+written out at full size. Here the backward is written out directly, with
+``xla_gpu.py``'s split reductions:
 
 1. one reduction reads ``x`` and the cotangent ``dy`` once and sums, per
    partial, ``dz`` and ``dz * (x - mean)``, where ``dz`` is ``dy`` through
@@ -17,7 +15,7 @@ written out directly, with ``xla_gpu.py``'s split reductions:
 3. one elementwise pass reads ``x`` and ``dy`` again and writes
    ``dx = rstd (gamma dz - a1 / n - (x - mean) rstd^2 a2 / n)``.
 
-Each pass over ``x`` starts from a handle of its own (``xla_gpu.stage`` over
+Each pass over ``x`` starts from a handle of its own (``xla_gpu.barrier`` over
 a tuple no other pass shares), so XLA recomputes ``dz`` where it is needed
 instead of writing it out in float32 for the others to read.
 """
@@ -34,14 +32,10 @@ from gnorm._src.backends import xla_gpu
 def cotangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, ct):
   """``(dx, dgamma, dbeta)`` of ``maths.forward``'s output for cotangent ``ct``.
 
-  Takes ``group_norm_core``'s validated arguments (``gamma`` and ``beta``
-  ``None`` or of shape ``(1, C)`` or ``(N, C)``; ``count`` ``None`` when it is
-  the constant group size) and the forward's ``mean`` and ``rstd``;
-  ``cfg.axis_name`` must be None (the statistics of one device only).
-  Returns ``dgamma`` and ``dbeta`` in the shape and dtype of ``gamma`` and
-  ``beta`` (``None`` where those are).
+  The contract of ``tangent.cotangent``, for the statistics of one device
+  (``cfg.axis_name`` None): ``dgamma`` and ``dbeta`` in the shape and dtype
+  of ``gamma`` and ``beta``, ``None`` where those are.
   """
-  assert cfg.axis_name is None, "across devices, the transposed tangent map is used"
   v = maths.view(x.shape, cfg.channel_axis)
   ch = xla_gpu.chunks(v)
   c, g = v.channels, cfg.n_groups
@@ -69,18 +63,18 @@ def cotangent(cfg: maths.Config, x, gamma, beta, mask, count, mean, rstd, ct):
   # activation, each sum gets its own handle on x and dy (the second tuple
   # differs from the first by `mean`), so that dz is computed twice in
   # registers rather than once into memory.
-  dz, xc = dz_and_xc(*xla_gpu.stage((x6, ct6)))
+  dz, xc = dz_and_xc(*xla_gpu.barrier((x6, ct6)))
   if cfg.activation is not None:
-    dz_b, xc = dz_and_xc(*xla_gpu.stage((x6, ct6, mean))[:2])
+    dz_b, xc = dz_and_xc(*xla_gpu.barrier((x6, ct6, mean))[:2])
   else:
     dz_b = dz
-  s_dz, s_dzxc = xla_gpu.stage(xla_gpu.sums(dz, dz_b * xc))
+  s_dz, s_dzxc = xla_gpu.barrier(xla_gpu.sums(dz, dz_b * xc))
   # 2. Per (sample, channel), then per (sample, group).
   s_dz, s_dzxc = xla_gpu.sums(s_dz, s_dzxc, axes=(1, 3))
   a1 = maths.group_sum(s_dz * gam, g) / safe
   a2 = maths.group_sum(s_dzxc * gam, g) * (rstd * rstd) / safe
   # 3. dx, from a third handle on x and dy (the tuple holds a1 and a2).
-  x6, ct6, a1, a2 = xla_gpu.stage((x6, ct6, a1, a2))
+  x6, ct6, a1, a2 = xla_gpu.barrier((x6, ct6, a1, a2))
   dz, xc = dz_and_xc(x6, ct6)
   dx = xla_gpu.bc(rstd_c) * (dz * xla_gpu.bc(gam) - xla_gpu.bc(maths.per_channel(a1, c))
                              - xc * xla_gpu.bc(maths.per_channel(a2, c)))
