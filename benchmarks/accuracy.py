@@ -23,11 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gnorm_bench import common  # benchmarks/ is the script's directory
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from gnorm_bench import machine  # noqa: E402  (benchmarks/ is the script's directory)
+sys.path.insert(0, str(common.ROOT))
 
 import gnorm  # noqa: E402
 from gnorm._src import dispatch  # noqa: E402
@@ -75,7 +73,7 @@ def measure(shape, g, dtype, loc, scale, seed=0):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument("--out", default=str(common.ROOT / "benchmarks" / "results"))
   args = parser.parse_args(argv)
   lines = [
       "| data (shape (8, 32, 32, 64), G=32) | " + " | ".join(PLANS.values()) +
@@ -92,7 +90,7 @@ def main(argv=None):
                              else f" ({device.device_kind})")
   header = (f"Max absolute error; measured {datetime.date.today().isoformat()} on"
             f" {where}, jax {jax.__version__},"
-            f" gnorm {machine.gnorm_version()} at commit {machine.git_revision(ROOT)}"
+            f" gnorm {common.versions()['gnorm']} at commit {common.git_revision()}"
             " (`python benchmarks/accuracy.py`).")
   print(header + "\n")
   print(table)

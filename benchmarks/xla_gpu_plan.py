@@ -1,36 +1,23 @@
-"""Kernels and modelled memory traffic of XLA's compiled GroupNorm programs (issue 19).
-
-Usage::
+"""Kernels and modelled memory traffic of XLA's compiled GroupNorm programs.
 
   python benchmarks/xla_gpu_plan.py [--out DIR] [--deviceless h200] [--quick]
 
-For every case of the GPU case set (``gnorm_bench.device_cases.GPU_SHAPES`` in float32
-and bfloat16), compiles the forward and the forward+backward (``jax.vjp``: y,
-dx, dgamma, dbeta) of: gnorm's default path, ``gnorm_prev`` (gnorm's previous
-GPU program: ``maths.py``'s plan, forced), gnorm's Pallas kernels,
-``flax.linen.GroupNorm``, and the same with SiLU (gnorm's fused
-``activation="silu"``, XLA and Pallas; flax followed by ``jax.nn.silu``).
-Reads off each optimized program the kernels it launches and the bytes they
-move (``gnorm_bench/hlo_structure.py``), in units of x's bytes, and the arrays
-of x's size or more it writes besides its outputs.
-
-Where it compiles:
-
-* by default, for JAX's default backend: on a GPU, XLA:GPU for that GPU;
-  elsewhere (CI's dry run) XLA:CPU, which only proves the plumbing;
-* ``--deviceless h200``: XLA:GPU for an H200 without one, on a machine with a
-  CUDA build of jaxlib but no GPU (``pip install "jax[cuda12]"`` in a separate
-  venv; run with ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``).
-  This is how the plan of ``backends/xla_gpu.py`` was designed.
-
-Writes ``xla_gpu_plan.md`` and ``xla_gpu_plan.json`` to ``--out`` (default
-``benchmarks/results``). A model, not a timing: the device-time benchmark
-(``gpu_bench.py``) says what the kernels cost.
+For the GPU case set in float32 and bfloat16, compiles the forward and the forward+backward
+(``jax.vjp``: y, dx, dgamma, dbeta) of gnorm's default, ``gnorm_prev`` (the previous XLA
+program, forced), gnorm's Pallas kernels, ``flax.linen.GroupNorm``, and the same with SiLU
+(fused in gnorm; ``jax.nn.silu`` after flax), and reads off each optimized program the kernels
+it launches and the bytes they move (``gnorm_bench/hlo_structure.py``) in x-sizes, and the
+arrays of x's size or more it writes. By default it compiles for JAX's default backend (on a
+CPU-only machine that proves the plumbing only); ``--deviceless h200`` compiles with XLA's GPU
+compiler for an H200 without one (a CUDA build of jaxlib, run with ``JAX_PLATFORMS=cpu
+JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``). Writes xla_gpu_plan.md and xla_gpu_plan.json to --out
+after each case. A model, not a timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import math
@@ -40,26 +27,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from gnorm_bench import common
 from gnorm_bench import hlo_structure
-from gnorm_bench import machine
-from gnorm_bench.cases import Case
-from gnorm_bench.device_cases import DTYPES
-from gnorm_bench.device_cases import GPU_SHAPES
-from gnorm_bench.device_cases import GROUPS
-from gnorm_bench.device_cases import QUICK_SHAPES
-from gnorm_bench.device_impls import plan_context
-from gnorm_bench.device_loop import fwdbwd_of
-from gnorm_bench.impls_jax import fn_flax
-from gnorm_bench.impls_jax import fn_flax_silu
-from gnorm_bench.impls_jax import fn_gnorm
-from gnorm_bench.impls_jax import fn_gnorm_fused
-from gnorm_bench.impls_jax import fn_gnorm_pallas
-from gnorm_bench.impls_jax import fn_gnorm_pallas_fused
+from gnorm_bench import impls
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_OUT = ROOT / "benchmarks" / "results"
-
-# An H200 as XLA's GPU compiler sees it (xla/stream_executor/device_description.proto).
+# An H200 as XLA's GPU compiler sees it: a GpuTargetConfig in text format.
 H200 = """
 gpu_device_info {
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -78,37 +50,18 @@ device_description_str: "NVIDIA H200"
 DEVICELESS = {"h200": H200}
 
 
-def _previous(make):
-  """gnorm's previous GPU program: maths.py's plan, forced at trace time."""
-
-  def fn(case):
-    f = make(case)
-
-    def prev(*args):
-      with plan_context("gnorm_prev"):
-        return f(*args)
-
-    return prev
-
-  return fn
-
-
-IMPLS = {
-    "gnorm": fn_gnorm,
-    "gnorm_prev": _previous(fn_gnorm),
-    "gnorm_pallas": fn_gnorm_pallas,
-    "flax": fn_flax,
-    "gnorm_silu": fn_gnorm_fused,
-    "pallas_silu": fn_gnorm_pallas_fused,
-    "flax_silu": fn_flax_silu,
-}
+# Columns: name -> (implementation, activation).
+IMPLS = {"gnorm": ("gnorm", None), "gnorm_prev": ("gnorm_prev", None),
+         "gnorm_pallas": ("gnorm_pallas", None), "flax": ("flax", None),
+         "gnorm_silu": ("gnorm", "silu"), "pallas_silu": ("gnorm_pallas", "silu"),
+         "flax_silu": ("flax", "silu")}
 
 
 def _compiler(deviceless: str | None):
-  """``compile(fn, *ShapeDtypeStructs) -> Compiled`` and the target's name."""
+  """``lower(fn, *ShapeDtypeStructs) -> Lowered`` and the target's name."""
   if deviceless is None:
     device = jax.devices()[0]
-    return (lambda f, *args: jax.jit(f).lower(*args).compile()), (
+    return (lambda f, *args: jax.jit(f).lower(*args)), (
         f"{jax.default_backend()}: {device.device_kind}")
   from jax.experimental import topologies  # noqa: PLC0415 - only for this mode
 
@@ -117,33 +70,38 @@ def _compiler(deviceless: str | None):
   mesh = topologies.make_mesh(topology, (1,), ("d",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  def compile_(f, *args):
+  def lower(f, *args):
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).compile()
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
-  return compile_, f"cuda (deviceless, {deviceless})"
+  return lower, f"cuda (deviceless, {deviceless})"
 
 
 def run(shapes, deviceless: str | None, out: pathlib.Path) -> dict:
-  """Compiles and reads every program; rewrites the reports after each case, so that a run
-  stopped early (a time limit) leaves what it had."""
-  compile_, target = _compiler(deviceless)
-  results = {"target": target, "jax": jax.__version__, "gnorm": machine.gnorm_version(),
-             "commit": machine.git_revision(ROOT),
+  """Compiles and reads every program (traced one at a time, compiled on worker threads);
+  rewrites the reports after each case, so that a run stopped early leaves what it had."""
+  lower, target = _compiler(deviceless)
+  results = {"target": target, "jax": jax.__version__, "gnorm": common.versions()["gnorm"],
+             "commit": common.git_revision(),
              "date": datetime.date.today().isoformat(), "rows": []}
-  for dtype in DTYPES:
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, min(8, common.threads() - 1)))
+  for dtype in ("bfloat16", "float32"):
     for shape in shapes:
-      case = Case(shape, GROUPS, dtype)
+      case = common.Case(shape, 32, dtype)
       x = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
       p = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
       x_bytes = math.prod(shape) * x.dtype.itemsize
-      for name, make in IMPLS.items():
-        f = make(case)
-        for direction, fn, args in (("fwd", f, (x, p, p)), ("fwdbwd", fwdbwd_of(f), (x, x, p, p))):
-          s = hlo_structure.summary(compile_(fn, *args), x_bytes)
-          results["rows"].append({"case": case.label, "impl": name, "direction": direction, **s})
-          print(f"{case.label:28s} {name:11s} {direction:7s} {s['kernels']:3d} kernels "
-                f"{s['traffic_x']:6.2f} x-sizes", file=sys.stderr, flush=True)
+      jobs = []
+      for name, (impl, activation) in IMPLS.items():
+        f = impls.jax_fn(impl, case.groups, activation)
+        for direction, fn, args in (("fwd", f, (x, p, p)),
+                                    ("fwdbwd", impls.fwdbwd_of(f), (x, p, p, x))):
+          jobs.append((name, direction, pool.submit(lower(fn, *args).compile)))
+      for name, direction, job in jobs:
+        s = hlo_structure.summary(job.result(), x_bytes)
+        results["rows"].append({"case": case.label, "impl": name, "direction": direction, **s})
+        print(f"{case.label:28s} {name:11s} {direction:7s} {s['kernels']:3d} kernels "
+              f"{s['traffic_x']:6.2f} x-sizes", file=sys.stderr, flush=True)
       _write(results, out)
   return results
 
@@ -185,12 +143,12 @@ def to_markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-  p.add_argument("--out", default=str(_OUT), help="output directory (default: %(default)s)")
+  p.add_argument("--out", default=str(common.ROOT / "benchmarks" / "results"))
   p.add_argument("--deviceless", choices=sorted(DEVICELESS), default=None,
                  help="compile for this GPU without one (needs a CUDA build of jaxlib)")
   p.add_argument("--quick", action="store_true", help="one tiny shape: a smoke test")
   args = p.parse_args(argv)
-  results = run(QUICK_SHAPES if args.quick else GPU_SHAPES, args.deviceless,
+  results = run(common.QUICK_SHAPES if args.quick else common.GPU_SHAPES, args.deviceless,
                 pathlib.Path(args.out))
   print(to_markdown(results))
   return 0

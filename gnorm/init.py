@@ -1,4 +1,4 @@
-"""Initializers for ``gamma`` and ``beta``, as the seed's ``neupy.init``.
+"""Initializers for ``gamma`` and ``beta``, as neupy's ``neupy.init``.
 
 Each is a ``jax.nn.initializers``-style callable ``init(key, shape, dtype)``,
 so any JAX initializer works in their place too.

@@ -17,8 +17,8 @@ if os.environ.get("CI"):
   hypothesis.settings.load_profile("ci")
 
 # In CI no test may skip: a skip there hides a missing dependency or platform.
-# (benchmarks/gpu_check.sh sets CI for the reproducible examples but allows the
-# skips of its test deadline: GNORM_ALLOW_SKIPS.)
+# (benchmarks/gpu_check.sh sets CI for the reproducible examples and
+# GNORM_ALLOW_SKIPS: some tests skip on a GPU.)
 _CI = bool(os.environ.get("CI")) and not os.environ.get("GNORM_ALLOW_SKIPS")
 
 

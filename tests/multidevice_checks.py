@@ -328,13 +328,19 @@ def run_checks(module: str) -> dict[str, str]:
 
 
 def main() -> int:
-  # Set here, not at import: test_sharding.py imports this module for the
-  # check names, and must not change the parent process's configuration.
+  return run_in_child(CHECKS)
+
+
+def run_in_child(checks) -> int:
+  """The child's side of ``run_checks``: every check of ``checks``, its
+  result ("ok" or its traceback) printed as one JSON line."""
+  # Set here, not at import: the tests import these modules for the check
+  # names, and must not change the parent process's configuration.
   jax.config.update("jax_enable_x64", True)
   jax.config.update("jax_numpy_rank_promotion", "raise")
   assert len(jax.devices()) == 8, jax.devices()
   results = {}
-  for name, fn in CHECKS.items():
+  for name, fn in checks.items():
     try:
       fn()
       results[name] = "ok"

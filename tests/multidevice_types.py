@@ -14,9 +14,7 @@ gradients against plain float64 autodiff (``reference.naive_jnp``).
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
-import traceback
 
 import flax.linen as nn
 import jax
@@ -30,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 import gnorm
 from gnorm._src import dispatch
 from gnorm.compat import linen as compat_linen
+from tests import multidevice_checks
 from tests.reference import naive_jnp
 
 COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
@@ -295,18 +294,7 @@ CHECKS = {name: fn for name, fn in sorted(globals().items()) if name.startswith(
 
 
 def main() -> int:
-  jax.config.update("jax_enable_x64", True)
-  jax.config.update("jax_numpy_rank_promotion", "raise")
-  assert len(jax.devices()) == 8, jax.devices()
-  results = {}
-  for name, fn in CHECKS.items():
-    try:
-      fn()
-      results[name] = "ok"
-    except Exception:  # noqa: BLE001 - reported to the parent test
-      results[name] = traceback.format_exc()
-  print(json.dumps(results))
-  return 0
+  return multidevice_checks.run_in_child(CHECKS)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def test_docstring_tables_keep_each_cell_in_one_row():
       for row in rows:
         for cell in row:
           assert _balanced(cell), f"{where}: a table cell is cut across rows: {cell!r}"
-  assert found >= 2  # the GroupNorm docstring's and xla_cpu.py's
+  assert found >= 1  # the GroupNorm docstring's table of neupy's API
 
 
 def test_docstring_table_reader_sees_a_cut_cell():

@@ -45,12 +45,13 @@ L, X, E, H = ("test_compat_linen.py", "test_compat_nnx.py", "test_compat_equinox
 F, A, S = "test_compat_flax_tests.py", "test_drop_in_arguments.py", "test_sharding.py"
 L_OUT, X_OUT = f"{L}::test_outputs_and_gradients_equal_flax", \
     f"{X}::test_outputs_and_gradients_equal_flax"
+ERRORS = "test_compat_errors.py::test_the_drop_in_raises_as_the_original"
 
 # original -> argument (call arguments marked "(call)") -> the tests that cover it.
 ARGUMENTS = {
     "flax.linen.GroupNorm": {
         "num_groups": (L_OUT, f"{L}::test_errors_as_flax"),
-        "group_size": (L_OUT, f"{L}::test_errors_as_flax"),
+        "group_size": (L_OUT, ERRORS),
         "epsilon": (L_OUT, f"{F}::test_group_norm"),
         "dtype": (L_OUT, f"{L}::test_float16_input_bfloat16_result"),
         "param_dtype": (f"{L}::test_same_parameters", L_OUT),
@@ -74,7 +75,7 @@ ARGUMENTS = {
         "num_features": (f"{X}::test_same_attributes_and_state",
                          f"{X}::test_wrong_channel_count_as_flax"),
         "num_groups": (X_OUT, f"{X}::test_construction_errors_as_flax"),
-        "group_size": (X_OUT, f"{X}::test_construction_errors_as_flax"),
+        "group_size": (X_OUT, ERRORS),
         "epsilon": (X_OUT, f"{X}::test_same_attributes_and_state"),
         "dtype": (X_OUT,),
         "param_dtype": (X_OUT, f"{X}::test_same_attributes_and_state"),

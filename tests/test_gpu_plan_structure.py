@@ -1,6 +1,6 @@
 """The GPU plan's structure, pinned on the StableHLO lowered for CUDA from the CPU.
 
-What made gnorm slow on a GPU (GPU_NOTES.md) was the shape of the program,
+What made gnorm slow on a GPU (docs/performance.md) was the shape of the program,
 not its maths: statistics reduced straight to per-channel ``(N, C)`` sums (a
 reduction with too few outputs to fill the GPU, into which XLA then refuses
 to fuse ``x - mean`` and writes it out in float32 instead), and full-size

@@ -86,11 +86,11 @@ def group_norm(
     what is required.
 
   Args:
-    params: ``{"gamma": ..., "beta": ...}`` (the names of the seed,
+    params: ``{"gamma": ..., "beta": ...}`` (the names of
       ``neupy.layers.GroupNorm``). Either key may be absent, and ``None``
       means no affine transform. Each value has shape ``(C,)``, is a scalar,
       or broadcasts against ``x`` with ``C`` on the channel axis and 1
-      elsewhere, such as the seed's ``(1, 1, 1, C)`` for NHWC input. A 1-D
+      elsewhere, such as neupy's ``(1, 1, 1, C)`` for NHWC input. A 1-D
       value is always read as per-channel, whatever the layout; a value of
       shape ``(N, C)`` (or ``(N, 1, 1, C)``) is per sample.
     x: input of rank >= 2, batch first.
@@ -100,7 +100,7 @@ def group_norm(
     eps: added to the variance inside the square root; a real number >= 0
       known at trace time.
     channel_axis: the axis of ``x`` that holds the channels (default ``-1``,
-      channels-last as in the seed). It may not be the batch axis 0.
+      channels-last as in neupy). It may not be the batch axis 0.
     group_size: channels per group, instead of ``n_groups``.
     mask: boolean array broadcastable to ``x`` (for example ``(N, L, 1)`` for
       padded sequences); True marks the positions that count, False the
@@ -195,7 +195,7 @@ def group_norm(
   groups = validation.check_axis_index_groups(axis_index_groups, axis_name, shape)
   validation.check_groups_cover_axis(groups, axis_name, shape)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    # As the seed's layer casts its input to float32.
+    # As neupy's GroupNorm casts its input to float32.
     x = x.astype(jnp.float32)
   cfg = maths.Config(n_groups, eps, axis, axis_name, activation, axis_index_groups=groups)
   implementation = validation.check_implementation(implementation, cfg, shape, mask is not None)

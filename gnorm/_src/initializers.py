@@ -1,8 +1,8 @@
 """Parameter initializers and the rules for turning ``gamma``/``beta`` into one.
 
-The seed (``neupy.layers.GroupNorm``) takes ``gamma`` and ``beta`` as a
+neupy's GroupNorm (``neupy.layers.GroupNorm``) takes ``gamma`` and ``beta`` as a
 scalar, an array-like, a variable or an initializer. This module holds the
-seed's three small initializer classes (``Constant``, ``Normal``, ``Uniform``)
+neupy's three small initializer classes (``Constant``, ``Normal``, ``Uniform``)
 and ``resolve``, which turns any accepted form into a JAX-style initializer
 ``(key, shape, dtype) -> array`` of shape ``(C,)``, so that the linen and nnx
 modules create their parameters the same way.
@@ -31,7 +31,7 @@ class Constant:
   ``init(key, shape, dtype)``; ``Constant`` ignores the key.
 
   Args:
-    value: the value of every element (default ``0``, the seed's default).
+    value: the value of every element (default ``0``, neupy's default).
 
   Examples:
     >>> import jax
@@ -55,7 +55,7 @@ class Normal:
 
   Args:
     mean: the mean (default ``0``).
-    std: the standard deviation (default ``0.01``, the seed's default).
+    std: the standard deviation (default ``0.01``, neupy's default).
 
   Examples:
     >>> import jax
@@ -81,7 +81,7 @@ class Uniform:
 
   Args:
     minval: the lower bound (default ``0``).
-    maxval: the upper bound (default ``1``, the seed's default).
+    maxval: the upper bound (default ``1``, neupy's default).
 
   Examples:
     >>> import jax
@@ -141,8 +141,8 @@ def check_value(name: str, value: Any) -> None:
   if sum(d != 1 for d in shape) > 1:
     raise ValueError(
         f"{name} has shape {shape}; an array-like {name} must have shape (C,) "
-        "or a shape whose axes are all 1 but the channel axis, such as the "
-        "seed's (1, 1, 1, C).")
+        "or a shape whose axes are all 1 but the channel axis, such as "
+        "neupy's (1, 1, 1, C).")
 
 
 def needs_key(value: Any) -> bool:
@@ -178,7 +178,7 @@ def resolve(name: str, value: Any) -> Initializer | None:
     if size != c or sum(d != 1 for d in arr_shape) > 1:
       raise ValueError(
           f"{name} has {size} value(s) ({what} {arr_shape}), but the input has "
-          f"{c} channels: {name} must have shape ({c},) or, as in the seed, "
+          f"{c} channels: {name} must have shape ({c},) or, as in neupy, "
           f"{(1,) * 3 + (c,)}.")
     return jnp.asarray(arr, dtype).reshape(shape)
 

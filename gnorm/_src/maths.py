@@ -143,8 +143,10 @@ def view(shape: tuple[int, ...], channel_axis: int) -> View:
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-  """The dtype of the statistics: at least float32, whatever the input."""
-  return jnp.promote_types(dtype, jnp.float32)
+  """The dtype of the statistics: at least float32, whatever the input (chosen,
+  not promoted, so that strict dtype promotion has nothing to object to)."""
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 def group_sum(t: jax.Array, n_groups: int) -> jax.Array:
@@ -293,7 +295,7 @@ def rstd_of(var: jax.Array, count: jax.Array | None, cfg: Config, rsqrt=lax.rsqr
   """``1 / sqrt(var + eps)``, and 0 where that is undefined (``rsqrt_or_zero``).
 
   var is a mean of squares, never negative; eps goes inside the square root,
-  as in the paper and the seed. With a mask (``count`` given), a group that
+  as in the paper and neupy. With a mask (``count`` given), a group that
   counts nothing gets 0 too. Decided at trace time: with eps > 0 and no mask
   no group can have var + eps = 0, and nothing is added to the program.
   """

@@ -1,4 +1,4 @@
-"""What the linen and nnx modules share: the seed's shape checks, the option
+"""What the linen and nnx modules share: neupy's shape checks, the option
 checks made at construction, and AdaGN/FiLM conditioning folded into
 ``gamma``/``beta``. The modules themselves are ``modules.py`` (linen) and
 ``nnx_module.py``.
@@ -23,7 +23,7 @@ Shape = Sequence[int | None]
 def output_shape(input_shape: Shape | None, n_groups: int | None,
                  channel_axis: int, layer: Any,
                  group_size: int | None = None) -> tuple[int | None, ...] | None:
-  """The seed's ``get_output_shape`` checks, shared by the linen and nnx modules."""
+  """neupy's ``get_output_shape`` checks, shared by the linen and nnx modules."""
   if input_shape is None:
     return None  # unknown rank: nothing to check
   try:

@@ -1,4 +1,4 @@
-"""``gnorm.GroupNorm``: the seed's layer as a thin ``flax.linen`` module.
+"""``gnorm.GroupNorm``: neupy's GroupNorm as a thin ``flax.linen`` module.
 
 The module validates its own arguments, creates ``gamma`` and ``beta`` and
 calls ``gnorm.group_norm``; all the maths is in the function.
@@ -22,7 +22,7 @@ from jax.typing import DTypeLike
 
 from gnorm._src import functional
 from gnorm._src import initializers
-from gnorm._src import linen_seed
+from gnorm._src import neupy_constructor
 from gnorm._src import module_options
 from gnorm._src import naming
 from gnorm._src import validation
@@ -37,7 +37,7 @@ def _describe(module: nn.Module) -> str:
 
 
 class GroupNorm(nn.Module):
-  """Group Normalization layer (Wu & He, 2018), the seed's ``GroupNorm``.
+  """Group Normalization layer (Wu & He, 2018), neupy's ``GroupNorm`` in Flax.
 
   The channels of each sample are split into ``n_groups`` groups, each
   normalised by its own mean and variance, then scaled by ``gamma`` and
@@ -45,7 +45,7 @@ class GroupNorm(nn.Module):
   ``gnorm.group_norm``: a good alternative to batch normalisation when the
   batch is small.
 
-  The seed's API maps onto Flax as follows:
+  neupy's API maps onto Flax as follows:
 
   ===================================================  ======================================
   ``neupy.layers.GroupNorm``                           ``gnorm.GroupNorm``
@@ -63,21 +63,21 @@ class GroupNorm(nn.Module):
     n_groups: the number of groups; must divide the number of channels.
       ``None`` when ``group_size`` is given (exactly one of the two).
     gamma: the initial scale: a scalar, an array-like of shape ``(C,)`` or
-      the seed's ``(1, 1, 1, C)``, a ``jax.Array``, an initializer, either a
+      neupy's ``(1, 1, 1, C)``, a ``jax.Array``, an initializer, either a
       ``jax.nn.initializers``-style ``(key, shape, dtype)`` callable or one
       of ``gnorm.init.Constant``, ``Normal``, ``Uniform``; or ``None`` for
-      no scale. Defaults to ``1.0`` (the seed's ``Constant(value=1)``).
+      no scale. Defaults to ``1.0`` (neupy's ``Constant(value=1)``).
     beta: the initial offset, in the same forms; defaults to ``0.0``.
     epsilon: added to the variance inside the square root; defaults to
-      ``1e-5`` as in the seed and PyTorch (``flax.linen.GroupNorm`` uses
+      ``1e-5`` as in neupy and PyTorch (``flax.linen.GroupNorm`` uses
       ``1e-6``; see ``gnorm.DEFAULT_EPSILON`` when porting weights).
-    name: the layer's name, as in the seed: a literal string (``"gn"``) is
+    name: the layer's name, as in neupy: a literal string (``"gn"``) is
       used as is; a format pattern with one replacement field is filled with
       a counter starting at 1 in creation order within the parent module
       (``"gn{}"`` gives ``gn1``, ``gn2``; ``"fc-{:>03d}"`` gives ``fc-001``),
       or from a process-wide counter per pattern for a module built outside
       any parent; ``None`` keeps Flax's automatic ``GroupNorm_0``. Python's
-      formatting rules apply, so the seed's example ``"fc-{:<03d}"``
+      formatting rules apply, so neupy's example ``"fc-{:<03d}"``
       (left-aligned fill) gives ``fc-100``, not ``fc-001``.
     channel_axis: the input axis holding the channels (keyword-only;
       default ``-1``, channels-last; ``1`` for NCHW).
@@ -146,7 +146,7 @@ class GroupNorm(nn.Module):
     >>> bool(jnp.allclose(y, ref, atol=1e-5))
     True
 
-    The seed's CNN, with pattern names:
+    neupy's example CNN, with pattern names:
 
     >>> import flax.linen as nn
     >>> class CNN(nn.Module):
@@ -164,7 +164,7 @@ class GroupNorm(nn.Module):
     >>> sum(p.size for p in jax.tree.leaves(params))
     94714
 
-    The seed's methods:
+    neupy's methods:
 
     >>> layer.get_output_shape((None, 28, 28, 16))
     (None, 28, 28, 16)
@@ -195,7 +195,7 @@ class GroupNorm(nn.Module):
 
   def __post_init__(self) -> None:
     if naming.is_pattern(self.name):
-      linen_seed.fill_name_pattern(self, self.name)
+      neupy_constructor.fill_name_pattern(self, self.name)
     module_options.check_options(n_groups=self.n_groups, gamma=self.gamma, beta=self.beta,
                   epsilon=self.epsilon, channel_axis=self.channel_axis,
                   param_dtype=self.param_dtype, group_size=self.group_size,
@@ -224,7 +224,7 @@ class GroupNorm(nn.Module):
 
   def get_output_shape(
       self, input_shape: Shape | None) -> tuple[int | None, ...] | None:
-    """Returns the output shape for ``input_shape`` (the same), as the seed.
+    """Returns the output shape for ``input_shape`` (the same), as neupy's.
 
     Args:
       input_shape: the input's shape, batch first; ``None`` for an unknown
@@ -234,7 +234,7 @@ class GroupNorm(nn.Module):
       ``input_shape`` as a tuple (``None`` if it is ``None``).
 
     Raises:
-      ValueError: the seed's two errors: a rank < 2 (or a channel axis out
+      ValueError: neupy's two errors: a rank < 2 (or a channel axis out
         of range), and a known number of channels that ``n_groups`` does not
         divide.
 
@@ -307,7 +307,7 @@ class GroupNorm(nn.Module):
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
                scale: ArrayLike | None = None,
                shift: ArrayLike | None = None) -> jax.Array:
-    """Normalises ``x`` (the seed's ``output``).
+    """Normalises ``x`` (neupy's ``output``).
 
     Args:
       x: input of rank >= 2, batch first, channels on ``channel_axis``.
@@ -344,4 +344,4 @@ class GroupNorm(nn.Module):
         **self._function_kwargs())
 
 
-linen_seed.positional_name_init(GroupNorm)
+neupy_constructor.positional_name_init(GroupNorm)

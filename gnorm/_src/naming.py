@@ -1,4 +1,4 @@
-"""Layer-name patterns, as the seed's ``name`` argument.
+"""Layer-name patterns, as neupy's ``name`` argument.
 
 A name is a literal (``"gn"``), a format pattern with exactly one replacement
 field filled with a counter starting at 1 (``"gn{}"`` -> ``gn1``, ``gn2``;
@@ -75,7 +75,7 @@ def is_pattern(name: Any) -> TypeGuard[str]:
 def fill(pattern: str, index: int) -> str:
   """Fills a pattern with ``index``.
 
-  Python's formatting rules apply, so the seed's own example ``"fc-{:<03d}"``
+  Python's formatting rules apply, so neupy's own example ``"fc-{:<03d}"``
   (left-aligned) gives ``fc-100``; use ``"fc-{:>03d}"`` or ``"fc-{:03d}"``
   for ``fc-001``.
 
@@ -83,7 +83,7 @@ def fill(pattern: str, index: int) -> str:
     >>> from gnorm._src import naming
     >>> naming.fill("gn{}", 2), naming.fill("fc-{:>03d}", 1)
     ('gn2', 'fc-001')
-    >>> naming.fill("fc-{:<03d}", 1)  # fill on the right: Python, not the seed
+    >>> naming.fill("fc-{:<03d}", 1)  # fill on the right: Python, not neupy
     'fc-100'
   """
   return pattern.format(index)
@@ -92,7 +92,7 @@ def fill(pattern: str, index: int) -> str:
 class GlobalCounters:
   """Process-wide counters, one per pattern, each starting at 1.
 
-  Used for modules built outside any parent, as the seed numbers its layers.
+  Used for modules built outside any parent, as neupy numbers its layers.
   Thread-safe, so that two threads never get the same name.
   """
 

@@ -1,4 +1,4 @@
-"""``gnorm.nnx.GroupNorm``: the seed's layer as a thin ``flax.nnx`` module."""
+"""``gnorm.nnx.GroupNorm``: neupy's GroupNorm as a thin ``flax.nnx`` module."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class GroupNorm(nnx.Module):
       when ``group_size`` is given (exactly one of the two).
     num_channels: the number of channels ``C`` of the input (required).
     gamma: the initial scale: a scalar, an array-like of shape ``(C,)`` or
-      the seed's ``(1, 1, 1, C)``, a ``jax.Array``, a
+      neupy's ``(1, 1, 1, C)``, a ``jax.Array``, a
       ``jax.nn.initializers``-style ``(key, shape, dtype)`` callable, one of
       ``gnorm.init.Constant``, ``Normal``, ``Uniform``, or ``None`` for no
       scale. Defaults to ``1.0``.
@@ -186,7 +186,7 @@ class GroupNorm(nnx.Module):
             "implementation": self.implementation}
 
   def get_output_shape(self, input_shape: Sequence[int | None] | None):
-    """Returns the output shape (the input's), as the seed; see ``gnorm.GroupNorm``.
+    """Returns the output shape (the input's), as neupy's; see ``gnorm.GroupNorm``.
 
     Examples:
       >>> import gnorm

@@ -67,8 +67,8 @@ cotangent_p = Primitive("gnorm_cotangent")
 cotangent_p.multiple_results = True
 
 
-def _maths_forward(static: Static, *ops, fn=maths.forward):
-  y, stats = fn(static.cfg, *static.unpack(*ops)[:4])
+def _maths_forward(static: Static, *ops):
+  y, stats = maths.forward(static.cfg, *static.unpack(*ops)[:4])
   return (y, *stats)
 
 
@@ -82,11 +82,16 @@ def _maths_tangent(static: Static, *ops):
                                tbeta if static.has_beta else None)
 
 
-def _maths_cotangent(static: Static, *ops, fn=tangent_maths.cotangent):
-  dx, dgamma, dbeta = fn(static.cfg, *static.unpack(*ops[:7]), ops[7])
-  # A stand-in's cotangent: zeros (nothing reads them).
+def _parameter_cotangents(dx, dgamma, dbeta, gamma, beta):
+  """The cotangent map's outputs, with zeros for a stand-in's (nothing reads them)."""
   return (dx, *[jnp.zeros(p.shape, p.dtype) if d is None else d
-                for d, p in zip((dgamma, dbeta), ops[1:3], strict=True)])
+                for d, p in zip((dgamma, dbeta), (gamma, beta), strict=True)])
+
+
+def _maths_cotangent(static: Static, *ops):
+  x, gamma, beta, mask, count, mean, rstd = static.unpack(*ops[:7])
+  cts = tangent_maths.cotangent(static.cfg, x, gamma, beta, mask, count, mean, rstd, ops[7])
+  return _parameter_cotangents(*cts, *ops[1:3])
 
 
 _MATHS = {forward_p: _maths_forward, tangent_p: _maths_tangent, cotangent_p: _maths_cotangent}
@@ -126,13 +131,16 @@ def _cotangent_abstract(x, gamma, beta, *_, static):
 
 
 def _lowering(p, platform: str):
+  """``p``'s lowering rule for ``platform``: its entry of ``dispatch.IMPLEMENTATIONS``."""
   def fn(*ops, static):
     if p is tangent_p:
       return _maths_tangent(static, *ops)
     which = "forward" if p is forward_p else "cotangent"
     impl = dispatch.lowered(static.cfg.implementation, platform, which)
-    plain = _maths_forward if p is forward_p else _maths_cotangent
-    return plain(static, *ops, fn=impl)
+    if p is forward_p:
+      y, stats = impl(static.cfg, *static.unpack(*ops)[:4])
+      return (y, *stats)
+    return _parameter_cotangents(*impl(static.cfg, *static.unpack(*ops[:7]), ops[7]), *ops[1:3])
 
   rule = mlir.lower_fun(fn, multiple_results=p.multiple_results)
   # Where Triton compiles the kernels, its deprecation warning is gnorm's.

@@ -135,7 +135,7 @@ def split_params(params: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
   if unknown:
     raise ValueError(
         f"params has unknown key(s) {unknown}; the accepted keys are "
-        f"{list(PARAM_KEYS)} (the seed's names), either of which may be absent; "
+        f"{list(PARAM_KEYS)} (neupy's names), either of which may be absent; "
         f"input shape {shape}.")
   return params.get("gamma"), params.get("beta")
 
@@ -149,7 +149,7 @@ def check_affine(name: str, value: Any, shape: tuple[int, ...],
   channel, for conditioning such as AdaGN or FiLM) or ``(1, C)``, whatever
   the layout; or any shape that
   broadcasts against ``x`` with ``C`` or 1 on the channel axis, ``N`` or 1 on
-  the batch axis and 1 elsewhere, such as the seed's ``(1, 1, 1, C)`` for NHWC
+  the batch axis and 1 elsewhere, such as neupy's ``(1, 1, 1, C)`` for NHWC
   input.
   """
   if value is None:

@@ -1,26 +1,21 @@
-"""GroupNorm's two GPU kernels, in Pallas with Triton's lowering.
+"""GroupNorm's forward kernels, in Pallas with Triton's lowering.
 
 The input is a free view of ``x``: ``(N, S, C)`` (channels last) or
-``(N, C, S)`` (channels first). Both kernels tile it into blocks of ``bs``
-spatial rows by ``bc`` channels, one program per block, over a grid
-``(N, cdiv(S, bs), cdiv(C, bc))``. That grid does not fall into the trap of
-one program per (sample, group): a 2x64x64x320 tensor gets hundreds of
-programs however few its groups are.
+``(N, C, S)`` (channels first), tiled into blocks of ``bs`` spatial rows by
+``bc`` channels (powers of two; loads and stores masked at the tails), one
+program per block, so that few groups still make many programs:
 
-* ``partial_moments``: each program reads its block once and writes, per
-  channel, the mean and the sum of squared deviations of its rows (a
-  two-pass computation on the block, in registers). ``pallas.py`` combines
-  those exactly (Chan et al.) into per-(sample, group) statistics: together
-  an exact two-pass variance that reads ``x`` once.
-* ``normalise``: each program reads its block again and writes
-  ``act((x - mean) * scale + shift)`` with per-(sample, channel) ``mean``,
-  ``scale`` (``rstd * gamma``) and ``shift`` (``beta``).
+* ``one_pass``: one program per (sample, group) whose group fits in one
+  block: mean and variance in two passes over registers, then ``y``;
+* ``partial_moments``: per block and channel, the mean and the sum of
+  squared deviations of its rows;
+* ``finish``: one small program per (sample, group) combines those exactly
+  (Chan et al.) into ``mean`` and ``rstd``;
+* ``normalise``: each block again, writing ``act((x - mean) * rstd * gamma + beta)``.
 
-Tails: blocks hang over the end of ``S`` and ``C`` where those are not
-multiples of the block; loads and stores are masked there (Triton needs
-power-of-two blocks). Everything is computed in ``cdt`` (float32 for half
-precision input). ``interpret=True`` runs the same kernels in Pallas's
-interpreter, on any platform: that is how CI tests them.
+Everything is computed in ``cdt`` (float32 for half-precision input);
+``interpret=True`` runs the same kernels in Pallas's interpreter on any
+platform, which is how CI tests them.
 """
 
 from __future__ import annotations
@@ -116,8 +111,8 @@ def tiling(n: int, s: int, c: int, channels_last: bool, backward: bool = False) 
 def block(t: Tiling):
   """This program's ``(rows, channels)``, their validity, and ``x``'s index."""
   n, k, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  rows = k * t.bs + jnp.arange(t.bs)
-  cols = j * t.bc + jnp.arange(t.bc)
+  rows = k * t.bs + jnp.arange(t.bs, dtype=jnp.int32)
+  cols = j * t.bc + jnp.arange(t.bc, dtype=jnp.int32)
   row_ok, col_ok = rows < t.s, cols < t.c
   rs, cs = pl.ds(k * t.bs, t.bs), pl.ds(j * t.bc, t.bc)
   if t.channels_last:
@@ -136,7 +131,7 @@ def per_channel(t: Tiling, v: jax.Array) -> jax.Array:
 
 def columns(t: Tiling) -> jax.Array:
   """This program's channel indices (past ``C`` in a tail block)."""
-  return pl.program_id(2) * t.bc + jnp.arange(t.bc)
+  return pl.program_id(2) * t.bc + jnp.arange(t.bc, dtype=jnp.int32)
 
 
 def by_group(ref, n, cols, col_ok, cg: int) -> jax.Array:
@@ -157,7 +152,12 @@ def _moments_kernel(x_ref, mean_ref, m2_ref, *, t: Tiling, cdt):
   x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
   axis = 0 if t.channels_last else 1
   rows = jnp.minimum(t.s - k * t.bs, t.bs).astype(cdt)  # valid rows, >= 1
-  mean = jnp.sum(x, axis=axis) / rows
+  # Shifted by the block's first row (always valid): a constant column's
+  # mean is then exact, whatever the division rounds to.
+  first = (n, k * t.bs, cs) if t.channels_last else (n, cs, k * t.bs)
+  p = plgpu.load(x_ref.at[first], mask=col_ok, other=0).astype(cdt)
+  d = jnp.where(valid, x - per_channel(t, p), jnp.zeros((), cdt))
+  mean = p + jnp.sum(d, axis=axis) / rows
   xc = jnp.where(valid, x - per_channel(t, mean), jnp.zeros((), cdt))
   m2 = jnp.sum(xc * xc, axis=axis)
   plgpu.store(mean_ref.at[n, k, cs], mean, mask=col_ok)
@@ -174,10 +174,10 @@ def over_blocks(t: Tiling, cg: int, body, init):
   cgp = pow2_at_least(cg)
   kb = min(pow2_at_least(k_total), max(1, FINISH_BLOCK_ELEMENTS // cgp))
   cs = pl.ds(g * cg, cgp)
-  col_ok = jnp.arange(cgp) < cg
+  col_ok = jnp.arange(cgp, dtype=jnp.int32) < cg
 
   def step(i, carry):
-    ks = i * kb + jnp.arange(kb)
+    ks = i * kb + jnp.arange(kb, dtype=jnp.int32)
     ok = (ks < k_total)[:, None] & col_ok[None, :]
     return body(pl.ds(i * kb, kb), ks, ok, cs, carry)
 
@@ -187,18 +187,22 @@ def over_blocks(t: Tiling, cg: int, body, init):
 def _finish_kernel(mean_ref, m2_ref, out_mean_ref, out_rstd_ref, *, t: Tiling, cg: int,
                    eps: float, cdt):
   """Chan et al.'s combine of a (sample, group)'s block partials, two passes
-  over them: the mean, then the blocks' M2 plus their means' spread."""
+  over them: the mean (shifted by the first block's first mean, so that equal
+  means combine to exactly that mean), then the blocks' M2 plus their means'
+  spread."""
   n, g = pl.program_id(0), pl.program_id(1)
   count = t.s * cg
+  ref = mean_ref[n, n * 0, g * cg]  # a traced 0: a literal breaks the interpreter
 
   def rows(ks):  # valid rows of each block, 0 past the last
     return jnp.where(ks < t.grid[1], jnp.minimum(t.bs, t.s - ks * t.bs), 0).astype(cdt)
 
   def total(ds, ks, ok, cs, acc):
     bm = plgpu.load(mean_ref.at[n, ds, cs], mask=ok, other=0)
-    return acc + jnp.sum(rows(ks)[:, None] * bm)
+    dev = jnp.where(ok, bm - ref, jnp.zeros((), cdt))
+    return acc + jnp.sum(rows(ks)[:, None] * dev)
 
-  mean = over_blocks(t, cg, total, jnp.zeros((), cdt)) / count
+  mean = ref + over_blocks(t, cg, total, jnp.zeros((), cdt)) / count
 
   def m2(ds, ks, ok, cs, acc):
     bm = plgpu.load(mean_ref.at[n, ds, cs], mask=ok, other=0)
@@ -254,7 +258,7 @@ def _one_pass_kernel(x_ref, gamma_ref, beta_ref, y_ref, mean_ref, rstd_ref, *, t
                      cdt, eps: float, activation):
   n, g = pl.program_id(0), pl.program_id(1)
   cg = t.c // t.groups
-  rows, cols = jnp.arange(t.bs), jnp.arange(t.bg)
+  rows, cols = jnp.arange(t.bs, dtype=jnp.int32), jnp.arange(t.bg, dtype=jnp.int32)
   row_ok, col_ok = rows < t.s, cols < cg
   # int32 starts throughout: with jax_enable_x64 a literal 0 would be int64.
   rs, cs = pl.ds(jnp.int32(0), t.bs), pl.ds(g * cg, t.bg)
@@ -265,7 +269,10 @@ def _one_pass_kernel(x_ref, gamma_ref, beta_ref, y_ref, mean_ref, rstd_ref, *, t
   per_channel = (lambda v: v[None, :]) if t.channels_last else (lambda v: v[:, None])
   x = plgpu.load(x_ref.at[index], mask=valid, other=0).astype(cdt)
   count = t.s * cg
-  mean = jnp.sum(x) / count
+  # Shifted by the group's first element: a constant group's mean is exact.
+  zero = n * 0  # int32, as the starts below
+  p = (x_ref[n, zero, g * cg] if t.channels_last else x_ref[n, g * cg, zero]).astype(cdt)
+  mean = p + jnp.sum(jnp.where(valid, x - p, jnp.zeros((), cdt))) / count
   xc = jnp.where(valid, x - mean, jnp.zeros((), cdt))
   var_eps = jnp.sum(xc * xc) / count + eps
   rstd = maths.rsqrt_or_zero(var_eps)
@@ -297,7 +304,7 @@ def one_pass(xv: jax.Array, gamma, beta, t: GroupTiling, cdt, eps: float,
 def compiler_params(t: Tiling, inputs: int = 1):
   """Triton's settings for a kernel over ``t``'s blocks reading ``inputs``
   full-size arrays: 8 warps for blocks of more than 4096 elements per input
-  array (a heuristic; a GPU sweep replaces it: ``benchmarks/pallas_sweep.py``)."""
+  array (a heuristic, not yet measured on a GPU)."""
   warps = t.warps or (4 if t.bs * t.bc * inputs <= 4096 else 8)
   return plgpu.CompilerParams(num_warps=warps, num_stages=1)
 

@@ -89,7 +89,7 @@ def _finish_kernel(s_dz_ref, s_dzxc_ref, rstd_ref, gamma_ref, dparams_ref, q_ref
   zero = jnp.zeros((cgp,), cdt)
   s_dz, s_dzxc = over_blocks(t, cg, add, (zero, zero))  # per channel, (CGP,)
   cs = pl.ds(g * cg, cgp)
-  col_ok = jnp.arange(cgp) < cg
+  col_ok = jnp.arange(cgp, dtype=jnp.int32) < cg
   rstd = rstd_ref[n, g]
   gamma = parameter(gamma_ref, n, cs, col_ok)
   count = t.s * cg

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from gnorm._src.compat import originals
 from gnorm._src.functional import group_norm
 
 # The default of ``state`` is equinox's own sentinel object, read from the
@@ -22,10 +24,12 @@ def _per_channel(param: jax.Array, channels: int, name: str, shape) -> jax.Array
   if param.shape == (channels,):
     return param
   if param.ndim > 1 or (param.ndim == 1 and param.shape[0] != 1):
-    # equinox's broadcast fails with a ValueError too.
+    # equinox broadcasts it, as (C, 1, ...), to the input's shape.
+    as_equinox = (*param.shape, *(1,) * (len(shape) - param.ndim))
     raise ValueError(
-        f"`{name}` has shape {param.shape}, which does not broadcast to the "
-        f"input's {channels} channels (input shape {shape}).")
+        f"{originals.broadcast(param.dtype, as_equinox, shape)}: `{name}` has shape "
+        f"{param.shape}, which does not broadcast to the input's {channels} channels "
+        f"(input shape {shape}).")
   return jnp.broadcast_to(param, (channels,))
 
 
@@ -67,10 +71,9 @@ class GroupNorm(eqx.Module):
 
   * A negative or non-finite ``eps`` raises a ``ValueError`` when the layer
     is called (equinox returns NaN for a negative one).
-  * The same bad inputs raise the same exception types as equinox's
-    (``IndexError`` for a scalar ``x``, ``TypeError`` when ``groups`` does
-    not divide the input's channels, ``ValueError`` when ``weight`` does not
-    broadcast to them), with messages that name the shapes.
+  * The same bad inputs raise the same exception types as equinox's, with
+    messages that start as equinox's and then name the shapes
+    (``tests/test_compat_errors.py`` replays equinox's cases).
 
   Attributes:
     groups: the number of groups the channels are split into.
@@ -141,12 +144,9 @@ class GroupNorm(eqx.Module):
         None with ``channelwise_affine=True`` (as equinox).
     """
     if channels is not None and channels % groups != 0:
-      raise ValueError(
-          f"The number of groups must divide the number of channels: got "
-          f"groups={groups}, channels={channels}.")
+      raise ValueError(f"{originals.EQUINOX_GROUPS} Got groups={groups}, channels={channels}.")
     if channels is None and channelwise_affine:
-      raise ValueError(
-          "The number of channels should be specified if `channelwise_affine=True`.")
+      raise ValueError(f"{originals.EQUINOX_CHANNELS}.")
     self.groups = groups
     self.channels = channels
     self.eps = eps
@@ -187,13 +187,20 @@ class GroupNorm(eqx.Module):
     with jax.named_scope("gnorm.compat.equinox.GroupNorm"):
       x = jnp.asarray(x)
       if x.ndim == 0:
-        raise IndexError(
-            "GroupNorm takes one example of shape (channels, *spatial); got a scalar.")
+        raise IndexError(f"{originals.INDEX}: GroupNorm takes one example of shape "
+                         "(channels, *spatial); got a scalar.")
       channels = x.shape[0]
+      # equinox reshapes x to (groups, channels // groups, *spatial).
       if channels % self.groups != 0:
+        grouped = (self.groups, channels // self.groups, *x.shape[1:])
         raise TypeError(
-            f"GroupNorm(groups={self.groups}) cannot split the {channels} channels "
-            f"of an input of shape {x.shape} (channels first) into equal groups.")
+            f"{originals.reshape(x.shape, grouped)}: GroupNorm(groups={self.groups}) cannot "
+            f"split the {channels} channels of an input of shape {x.shape} (channels first) "
+            "into equal groups.")
+      if not isinstance(self.groups, numbers.Integral):
+        split: tuple = (self.groups, channels / self.groups, *x.shape[1:])
+        raise TypeError(f"{originals.integer_shape(split)} groups must be an int, got "
+                        f"{self.groups!r}.")
       params = None
       if self.channelwise_affine:
         # __init__ creates both arrays exactly when channelwise_affine is set.

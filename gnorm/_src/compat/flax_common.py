@@ -14,6 +14,7 @@ import numbers
 from collections.abc import Hashable
 from collections.abc import Iterable
 from typing import Any
+from typing import cast
 from typing import NamedTuple
 
 import jax
@@ -23,6 +24,7 @@ from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
 from gnorm._src import functional
+from gnorm._src.compat import originals
 
 
 def _is_int(value: Any) -> bool:
@@ -30,23 +32,20 @@ def _is_int(value: Any) -> bool:
       value, (bool, np.bool_))
 
 
-def resolve_groups(num_groups: Any, group_size: Any, channels: int) -> int:
+def resolve_groups(num_groups: Any, group_size: Any, channels: int, *,
+                   shape: tuple[int, ...] | None = None, features: str = "channels",
+                   assert_int: bool = False) -> int:
   """Returns the number of groups for flax's ``num_groups``/``group_size``.
 
-  Raises what flax raises for the same arguments: a ``ValueError`` for
-  neither or both given, a group count that is not a positive int dividing
-  ``channels``, or a group size that does not divide ``channels``; a
-  ``TypeError`` for a group size that is not an int (flax fails later, in a
-  reshape, with a ``TypeError``). A group size of 0 is a ``ValueError``
-  (flax divides by it).
-
-  Args:
-    num_groups: flax's ``num_groups`` (``None`` when ``group_size`` is used).
-    group_size: flax's ``group_size``.
-    channels: the number of channels (features) of the input.
-
-  Returns:
-    The number of groups, a positive int that divides ``channels``.
+  Raises what flax raises for the same arguments, with flax's message first
+  (``originals.py``): a ``ValueError`` for neither or both given, a group
+  count that is not a positive int dividing ``channels`` (an
+  ``AssertionError`` for a non-int count with ``assert_int``, as
+  ``flax.linen``), or a group size that does not divide ``channels``
+  (``features`` names them as the layer's message does); a
+  ``ZeroDivisionError`` for a group size of 0, and a ``TypeError`` for one
+  that is not an int (where flax fails in a reshape of the input of
+  ``shape``).
 
   Examples:
     >>> resolve_groups(32, None, 64), resolve_groups(None, 16, 64)
@@ -54,27 +53,35 @@ def resolve_groups(num_groups: Any, group_size: Any, channels: int) -> int:
     >>> resolve_groups(32, 16, 64)
     Traceback (most recent call last):
     ...
-    ValueError: give exactly one of num_groups and group_size...
+    ValueError: Either `num_groups` or `group_size` should be specified...
   """
   if (num_groups is None) == (group_size is None):
-    raise ValueError(
-        "give exactly one of num_groups and group_size, got "
-        f"num_groups={num_groups!r} and group_size={group_size!r}; to give "
-        "group_size, pass num_groups=None as well (its default is 32).")
+    raise ValueError(f"{originals.FLAX_EITHER} Got num_groups={num_groups!r} and "
+                     f"group_size={group_size!r}.")
   if group_size is not None:
+    if not isinstance(group_size, numbers.Real):
+      raise TypeError(f"group_size must be an int, got {group_size!r} "
+                      f"(type {type(group_size).__name__}).")
+    if group_size == 0:
+      raise ZeroDivisionError(f"{originals.MODULO_BY_ZERO}: group_size must be a positive int "
+                              f"dividing the number of {features} ({channels}), got 0.")
+    if group_size < 0 or channels % group_size:
+      raise ValueError(f"{originals.flax_group_size(channels, group_size, features)} "
+                       f"group_size must be a positive int dividing it.")
     if not _is_int(group_size):
-      raise TypeError(
-          f"group_size must be an int, got {group_size!r} "
-          f"(type {type(group_size).__name__}).")
-    if group_size <= 0 or channels % group_size:
-      raise ValueError(
-          f"group_size ({group_size}) must be a positive int dividing the "
-          f"number of channels ({channels}).")
-    return channels // int(group_size)
-  if not _is_int(num_groups) or num_groups <= 0 or channels % num_groups:
-    raise ValueError(
-        f"num_groups ({num_groups!r}) must be a positive int dividing the "
-        f"number of channels ({channels}).")
+      head = "" if shape is None else originals.integer_shape(
+          (*shape[:-1], channels / group_size, group_size)) + " "
+      raise TypeError(f"{head}group_size must be an int, got {group_size!r}.")
+    return channels // cast(int, group_size)  # an int: checked above
+  if not _is_int(num_groups):
+    if assert_int:
+      raise AssertionError(f"num_groups must be an int, got {num_groups!r} "
+                           f"(type {type(num_groups).__name__}).")
+    raise ValueError(f"{originals.flax_groups(num_groups, channels)} num_groups must be a "
+                     "positive int dividing it.")
+  if num_groups <= 0 or channels % num_groups:
+    raise ValueError(f"{originals.flax_groups(num_groups, channels)} num_groups must be a "
+                     "positive int dividing it.")
   return int(num_groups)
 
 
@@ -119,8 +126,9 @@ def reduction_layout(ndim: int, reduction_axes: int | Iterable[int] | None) -> L
     transpose), and the number of kept axes.
 
   Raises:
-    ValueError: an input of rank 0, an axis that is not an int or is out of
-      range, or axes without the last one.
+    TypeError: an axis that is not an int (flax fails sorting them).
+    ValueError: an input of rank 0, an axis out of range, or axes without
+      the last one (flax's message first).
 
   Examples:
     >>> reduction_layout(4, None), reduction_layout(3, (0, 1, 2))
@@ -130,26 +138,36 @@ def reduction_layout(ndim: int, reduction_axes: int | Iterable[int] | None) -> L
     >>> reduction_layout(4, (1, 2))
     Traceback (most recent call last):
     ...
-    ValueError: reduction_axes (1, 2) must include the last axis (3) ...
+    ValueError: The reduction axes must include the final dimension ...
   """
   if ndim < 1:
     raise ValueError("the input must have at least one axis, the feature axis; got a scalar.")
   if reduction_axes is None:
     return Layout(None, min(1, ndim - 1))
   given = tuple(reduction_axes) if isinstance(reduction_axes, Iterable) else (reduction_axes,)
-  if not given or not all(_is_int(a) for a in given):
+  bad = [a for a in given if not _is_int(a)]
+  if bad:  # where flax fails: sorting them, or taking a float as an index
+    head = (f"'{type(bad[0]).__name__}' object cannot be interpreted as an integer"
+            if all(isinstance(a, numbers.Real) for a in bad) else originals.comparison(bad[0], 0))
+    raise TypeError(f"{head}: reduction_axes must be an int or ints, got {reduction_axes!r}.")
+  if not given:
     raise ValueError(f"reduction_axes must be an int or ints, got {reduction_axes!r}.")
-  if not all(-ndim <= a < ndim for a in given):
+  if not all(-ndim <= a < ndim for a in given) or (ndim - 1) not in {
+      int(a) % ndim for a in given}:
     raise ValueError(
-        f"reduction_axes {reduction_axes!r} are out of range for an input of rank {ndim}.")
+        f"{originals.FLAX_REDUCTION_AXES} reduction_axes {reduction_axes!r} must include the "
+        f"last axis ({ndim - 1}) of the input of rank {ndim}, and only axes in range.")
   axes = {int(a) % ndim for a in given}
-  if ndim - 1 not in axes:
-    raise ValueError(
-        f"reduction_axes {reduction_axes!r} must include the last axis ({ndim - 1}) of the "
-        f"input of rank {ndim}: flax's feature axis.")
   kept = tuple(a for a in range(ndim - 1) if a not in axes)
   perm = (*kept, *sorted(axes))
   return Layout(None if perm == tuple(range(ndim)) else perm, len(kept))
+
+
+def flax_promotion():
+  """JAX's standard dtype promotion, where flax promotes implicitly: under
+  ``jax_numpy_dtype_promotion="strict"`` the drop-ins then choose the dtypes
+  flax chooses by default, and cast explicitly."""
+  return jax.numpy_dtype_promotion("standard")
 
 
 def result_dtype(dtype: DTypeLike | None, *arrays: ArrayLike | None) -> np.dtype:
@@ -164,18 +182,24 @@ def result_dtype(dtype: DTypeLike | None, *arrays: ArrayLike | None) -> np.dtype
     (dtype('float32'), dtype('float16'))
   """
   if dtype is None:
-    dtype = jnp.result_type(*(jnp.asarray(a) for a in arrays if a is not None))
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      dtype = jnp.promote_types(dtype, jnp.float32)
-  dtype = jnp.dtype(dtype)
+    with flax_promotion():
+      dtype = jnp.result_type(*(jnp.asarray(a) for a in arrays if a is not None))
+      if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.promote_types(dtype, jnp.float32)
+  given, dtype = dtype, jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.inexact):
-    raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
+    raise ValueError(f"{originals.flax_dtype(given)} (dtype must be a floating dtype).")
   return dtype
 
 
-def _fold_mask(mask: ArrayLike, shape: tuple[int, ...], layout: Layout) -> jax.Array:
+def _fold_mask(mask: ArrayLike, shape: tuple[int, ...], layout: Layout,
+               num_groups: int) -> jax.Array:
   """The mask for the input of ``shape`` laid out by ``layout``, kept axes folded."""
   m = jnp.asarray(mask, dtype=bool)
+  if m.ndim and m.shape[-1] not in (1, shape[-1]):  # flax reshapes it by groups first
+    grouped = (*m.shape[:-1], num_groups, shape[-1] // num_groups)
+    raise TypeError(f"{originals.reshape(m.shape, grouped)}: the mask of shape {m.shape} does "
+                    f"not broadcast to the input shape {shape}.")
   try:
     ok = m.ndim <= len(shape) and jnp.broadcast_shapes(m.shape, shape) == shape
   except ValueError:
@@ -255,12 +279,13 @@ def normalize(
   x = jnp.asarray(x)
   out = result_dtype(dtype, x, scale, bias)
   layout = reduction_layout(x.ndim, reduction_axes)
-  work = jnp.promote_types(x.dtype, out)
+  with flax_promotion():
+    work = jnp.promote_types(x.dtype, out)
   if work != x.dtype:
     x = x.astype(work)
   shape = tuple(x.shape)
   if mask is not None:
-    mask = _fold_mask(mask, shape, layout)
+    mask = _fold_mask(mask, shape, layout, num_groups)
   # Kept axes that do not lead cost a transpose of x here and one of the
   # output below (a copy each: XLA does not fold them into gnorm's
   # reductions); leading ones cost nothing, the fold is a free reshape.

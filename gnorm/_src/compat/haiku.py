@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gnorm._src.compat import originals
 from gnorm._src.functional import group_norm
 
 Initializer = Callable[[Sequence[int], Any], jax.Array]
@@ -64,7 +66,8 @@ def _layout(axis: slice | tuple[int, ...], rank: int, channel_index: int, groups
     if not -(rank + 1) <= r <= rank:
       # numpy's AxisError is both a ValueError and an IndexError.
       raise np.exceptions.AxisError(
-          f"axis={axis!r}: entry {a} is out of range for an input of rank {rank}.")
+          f"{originals.INDEX}: axis={axis!r}: entry {a} is out of range for an input of "
+          f"rank {rank}.")
   reduced = {r % (rank + 1) for r in renumbered}
   if len(reduced) != len(renumbered):
     raise ValueError(f"axis={axis!r} names the same axis twice (input rank {rank}).")
@@ -129,7 +132,8 @@ class GroupNorm(hk.Module):
   ``offset_init``), so the ``params`` of either load into the other. The
   output dtype is haiku's: that of ``x`` promoted with those of ``scale``
   and ``offset`` (bfloat16 input with float32 call-time ``scale`` gives
-  float32). The same bad configurations raise the same exception types.
+  float32). The same bad configurations raise the same exception types,
+  with messages that start as haiku's (``tests/test_compat_errors.py``).
 
   The normalisation is ``gnorm.group_norm`` (batch axis 0, channels on the
   ``data_format``'s axis): exact statistics (never ``E[x^2] - E[x]^2``)
@@ -250,7 +254,7 @@ class GroupNorm(hk.Module):
       axis = tuple(axis)
     if not (isinstance(axis, slice)
             or (isinstance(axis, tuple) and all(isinstance(a, int) for a in axis))):
-      raise ValueError(f"`axis` should be an int, slice or iterable of ints; got {axis!r}.")
+      raise ValueError(f"{originals.HAIKU_AXIS} Got {axis!r}.")
     self.axis = axis
     self.groups = groups
     self.eps = eps
@@ -296,9 +300,7 @@ class GroupNorm(hk.Module):
     """
     x = jnp.asarray(x)
     if self.rank is not None and x.ndim != self.rank:
-      raise ValueError(
-          f"The rank of the inputs cannot change between calls: the first call had "
-          f"rank {self.rank}, this one has rank {x.ndim} (shape {x.shape}).")
+      raise ValueError(f"{originals.haiku_rank(self.rank, x.ndim)} (Input shape {x.shape}.)")
     if self.create_scale and scale is not None:
       raise ValueError("Cannot pass `scale` at call time if `create_scale=True`.")
     if self.create_offset and offset is not None:
@@ -310,8 +312,13 @@ class GroupNorm(hk.Module):
           "x[None] (haiku would normalise each element on its own here).")
     if channels % self.groups != 0:
       raise ValueError(
-          f"The number of channels must be divisible by the number of groups: got "
-          f"channels={channels}, groups={self.groups} (input shape {x.shape}).")
+          f"{originals.haiku_groups(channels, self.groups)} (input shape {x.shape}).")
+    if not isinstance(self.groups, numbers.Integral):  # haiku fails in a reshape
+      spatial = x.shape[1:-1] if self.channel_index == -1 else x.shape[2:]
+      split = (self.groups, channels / self.groups)
+      grouped = (-1, *spatial, *split) if self.channel_index == -1 else (-1, *split, *spatial)
+      raise TypeError(f"{originals.integer_shape(grouped)} groups must be an int, got "
+                      f"{self.groups!r}.")
     layout = _layout(self.axis, x.ndim, self.channel_index, self.groups, channels)
     self.rank = x.ndim
 
@@ -328,9 +335,11 @@ class GroupNorm(hk.Module):
     if offset is not None:
       offset = jax.lax.broadcast_to_rank(jnp.asarray(offset), x.ndim)
 
-    # Haiku's dtype: the normalised x (floating) promoted with scale, offset.
-    dtype = jnp.result_type(x.dtype, 0.0)
-    dtype = jnp.result_type(dtype, *(p for p in (scale, offset) if p is not None))
+    # Haiku's dtype: the normalised x (floating) promoted with scale, offset
+    # (by JAX's standard rules, under strict promotion too; cast explicitly).
+    with jax.numpy_dtype_promotion("standard"):
+      dtype = jnp.result_type(x.dtype, 0.0)
+      dtype = jnp.result_type(dtype, *(p for p in (scale, offset) if p is not None))
     x = x.astype(dtype)
     gamma = _as_affine(scale, x.shape, layout)
     # Offset goes in only if scale did (or there is none): (x̂ * s) + o.

@@ -13,6 +13,7 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 
 from gnorm._src.compat import flax_common
+from gnorm._src.compat import originals
 
 
 class GroupNorm(nn.Module):
@@ -56,9 +57,11 @@ class GroupNorm(nn.Module):
     with a mask that leaves shards with unequal counts (flax averages the
     shards' means); as in flax it is ignored without ``axis_name``. JAX
     runs it in ``shard_map`` and ``pmap``, not under ``vmap``.
-  * A non-int ``num_groups`` raises ``ValueError`` (flax asserts), a
-    ``group_size`` of 0 ``ValueError`` (flax divides by zero), complex input
-    ``TypeError`` and a negative or non-finite ``epsilon`` ``ValueError``.
+  * Where flax raises, the drop-in raises the same exception type with a
+    message that starts as flax's, gnorm's detail after it
+    (``tests/test_compat_errors.py`` replays flax's cases). It also raises
+    where flax does not: a ``TypeError`` for complex input and a
+    ``ValueError`` for a negative or non-finite ``epsilon``.
 
   Attributes:
     num_groups: the number of groups (default 32); None when ``group_size``
@@ -139,9 +142,13 @@ class GroupNorm(nn.Module):
       of ``x``'s and the parameters' dtypes).
     """
     x = jnp.asarray(x)
+    if x.ndim == 0:  # flax divides by the feature count it finds
+      raise ZeroDivisionError(f"{originals.MODULO_BY_ZERO}: the input must have at least one "
+                              "axis, the feature axis; got a scalar.")
     flax_common.reduction_layout(x.ndim, self.reduction_axes)
     channels = x.shape[-1]
-    num_groups = flax_common.resolve_groups(self.num_groups, self.group_size, channels)
+    num_groups = flax_common.resolve_groups(self.num_groups, self.group_size, channels,
+                                            shape=x.shape, assert_int=True)
     scale = bias = None
     if self.use_scale:
       scale = self.param("scale", self.scale_init, (channels,), self.param_dtype)

@@ -17,6 +17,7 @@ from flax.typing import PromoteDtypeFn
 
 from gnorm._src import validation
 from gnorm._src.compat import flax_common
+from gnorm._src.compat import originals
 
 
 class GroupNorm(nnx.Module):
@@ -66,11 +67,12 @@ class GroupNorm(nnx.Module):
     shards' means); as in flax it is ignored without ``axis_name``. With
     ``axis_name``, a bad value raises here, in the constructor, naming it.
     JAX runs it in ``shard_map`` and ``pmap``, not under ``vmap``.
-  * An input whose last axis is not ``num_features`` raises a ``TypeError``
-    naming both (flax fails in a reshape, also with a ``TypeError``); a
-    ``group_size`` of 0 raises ``ValueError`` (flax divides by zero),
-    complex input ``TypeError``, a negative or non-finite ``epsilon``
-    ``ValueError``.
+  * Where flax raises, the drop-in raises the same exception type with a
+    message that starts as flax's, gnorm's detail after it
+    (``tests/test_compat_errors.py`` replays flax's cases). It also raises
+    where flax does not: a ``TypeError`` for complex input, a ``ValueError``
+    for a negative or non-finite ``epsilon`` or ``reduction_axes`` out of
+    range.
 
   Args:
     num_features: the number of channels ``C`` of the input (its last axis).
@@ -142,8 +144,16 @@ class GroupNorm(nnx.Module):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     self.feature_axis = -1
-    self.num_groups = flax_common.resolve_groups(num_groups, group_size, num_features)
-    self.group_size = num_features // self.num_groups
+    if (num_groups is None and isinstance(group_size, float) and group_size > 0
+        and not num_features % group_size):
+      # flax takes a float group size that divides the features, and fails
+      # in a reshape at the call: so does this (the same attributes).
+      self.num_groups: Any = num_features // group_size
+      self.group_size: Any = group_size
+    else:
+      self.num_groups = flax_common.resolve_groups(num_groups, group_size, num_features,
+                                                   features="features")
+      self.group_size = num_features // self.num_groups
     # flax checks nothing here; a bad value would fail inside its pmean.
     validation.check_axis_index_groups(flax_common.index_groups(axis_name, axis_index_groups),
                                        axis_name)
@@ -183,15 +193,20 @@ class GroupNorm(nnx.Module):
       of ``x``'s and the parameters' dtypes).
     """
     x = jnp.asarray(x)
+    if isinstance(self.group_size, float):
+      flax_common.resolve_groups(None, self.group_size, self.num_groups * self.group_size,
+                                 shape=x.shape, features="features")
     features = self.num_groups * self.group_size
-    if x.ndim < 1 or x.shape[-1] != features:
+    if x.ndim < 1 or x.shape[-1] != features:  # flax fails reshaping x by groups
+      grouped = (*x.shape[:-1], self.num_groups, self.group_size)
       raise TypeError(
-          f"the input of shape {x.shape} must have num_features={features} "
-          "channels on its last axis.")
+          f"{originals.reshape(x.shape, grouped)}: the input of shape {x.shape} must have "
+          f"num_features={features} channels on its last axis.")
     flax_common.reduction_layout(x.ndim, self.reduction_axes)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
-    x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
+    with flax_common.flax_promotion():
+      x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
     return flax_common.normalize(
         x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
         reduction_axes=self.reduction_axes, dtype=self.dtype, mask=mask,

@@ -1,4 +1,4 @@
-"""The seed's constructor and name patterns, fitted onto a ``flax.linen`` module.
+"""neupy's constructor and name patterns, fitted onto a ``flax.linen`` module.
 
 neupy's ``GroupNorm(n_groups, gamma, beta, epsilon, name)`` takes ``name``
 fifth and accepts format patterns such as ``"gn{}"``; Flax makes ``name``
@@ -42,14 +42,14 @@ def fill_name_pattern(module: nn.Module, pattern: str) -> None:
     cursor[key] = index
   else:
     # Built outside any parent (or bound to a bare scope): number it
-    # process-wide, as the seed numbers its layers. ``init`` and ``apply``
+    # process-wide, as neupy numbers its layers. ``init`` and ``apply``
     # clone the module with the filled name, which is no longer a pattern.
     index = naming.GLOBAL.next(pattern)
   object.__setattr__(module, "name", naming.fill(pattern, index))
 
 
 def positional_name_init(cls: type[nn.Module]) -> None:
-  """Gives ``cls`` the seed's constructor: ``name`` fifth, options keyword-only.
+  """Gives ``cls`` neupy's constructor: ``name`` fifth, options keyword-only.
 
   Flax makes ``name`` keyword-only. This wraps Flax's generated ``__init__``;
   the signature is built from the dataclass fields, so a new keyword option
