@@ -30,6 +30,7 @@ import jax
 # this script is run from.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from mnist import checkpoint  # noqa: E402
 from mnist import input_pipeline  # noqa: E402
 from mnist import models  # noqa: E402
 from mnist import train  # noqa: E402
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> float:
   if args.load:
     n_steps = args.epochs * (len(data.train_labels) // args.batch_size)
     try:
-      state = train.load(args.load, train.create_train_state(config, n_steps),
+      state = checkpoint.load(args.load, train.create_train_state(config, n_steps),
                          config.norm)
     except (OSError, ValueError) as e:
       sys.exit(f"error: {e}")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> float:
   state, history = train.train(
       config, data, state=state, progress=not args.no_progress, mesh=mesh)
   if args.save and jax.process_index() == 0:  # one file, however many processes
-    train.save(args.save, state, config.norm)
+    checkpoint.save(args.save, state, config.norm)
     print(f"saved parameters to {args.save}")
   if args.plot and history["train_loss"]:
     train.plot_history(history, args.plot,

@@ -18,6 +18,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import mnist_cnn  # noqa: E402
 from mnist import idx  # noqa: E402
+from mnist import checkpoint  # noqa: E402
 from mnist import input_pipeline  # noqa: E402
 from mnist import models  # noqa: E402
 from mnist import train  # noqa: E402
@@ -152,8 +153,8 @@ def test_mesh_of_one_device_matches_plain_run(tiny, tmp_path):
                              rtol=1e-6)
   assert h_dp["test_accuracy"] == h_plain["test_accuracy"]
   # Saved from the mesh: host arrays, which load like any others.
-  train.save(tmp_path / "dp.msgpack", dp, "group")
-  loaded = train.load(tmp_path / "dp.msgpack",
+  checkpoint.save(tmp_path / "dp.msgpack", dp, "group")
+  loaded = checkpoint.load(tmp_path / "dp.msgpack",
                       train.create_train_state(config, 1), "group")
   assert all(isinstance(leaf, np.ndarray)
              for leaf in jax.tree.leaves(loaded.params))
@@ -172,10 +173,10 @@ def test_save_load_exact(tiny, tmp_path, norm):
   config = train.Config(epochs=2, batch_size=16, norm=norm)
   state, _ = train.train(config, tiny, progress=False, log=lambda s: None)
   path = tmp_path / "model.msgpack"
-  train.save(path, state, norm)
+  checkpoint.save(path, state, norm)
   assert not path.read_bytes().startswith(b"\x80")  # not a pickle
   fresh = train.create_train_state(train.Config(seed=5, norm=norm), 1)
-  loaded = train.load(path, fresh, norm)
+  loaded = checkpoint.load(path, fresh, norm)
   assert _params_equal(loaded.params, state.params)
   if norm == "batch":
     assert _params_equal(loaded.batch_stats, state.batch_stats)
@@ -183,7 +184,7 @@ def test_save_load_exact(tiny, tmp_path, norm):
       train.evaluate(state, tiny.test_images, tiny.test_labels))
   other = "none" if norm == "group" else "group"
   with pytest.raises(ValueError, match=f"saved with --norm {norm}"):
-    train.load(path, train.create_train_state(
+    checkpoint.load(path, train.create_train_state(
         train.Config(norm=other), 1), other)
 
 
@@ -192,13 +193,13 @@ def test_load_rejects_other_files(tmp_path):
   bad = tmp_path / "bad.bin"
   bad.write_bytes(b"\xc1 definitely not msgpack")
   with pytest.raises(ValueError, match="not a saved model"):
-    train.load(bad, state, "group")
+    checkpoint.load(bad, state, "group")
   import flax
 
   other = tmp_path / "other.msgpack"
   other.write_bytes(flax.serialization.msgpack_serialize({"a": 1}))
   with pytest.raises(ValueError, match="not a model saved by this example"):
-    train.load(other, state, "group")
+    checkpoint.load(other, state, "group")
 
 
 def _run_main(argv):

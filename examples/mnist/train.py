@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +37,6 @@ from mnist import input_pipeline
 from mnist import models
 
 # Written into saved files so that --load can reject a file of another model.
-_FORMAT = "gnorm-examples-mnist-cnn/1"
 
 # The mesh axis that batches are split along.
 BATCH_AXIS = "batch"
@@ -99,7 +97,8 @@ def _optimizer(learning_rate: float, total_steps: int):
   return optax.adam(schedule)
 
 
-def _variables(state: TrainState) -> dict:
+def model_variables(state: TrainState) -> dict:
+  """The variables ``apply`` takes: the parameters, and BatchNorm's statistics."""
   if state.batch_stats is None:
     return {"params": state.params}
   return {"params": state.params, "batch_stats": state.batch_stats}
@@ -173,7 +172,7 @@ def _train_step(
   """One adam step on a batch; returns the new state and the batch's loss."""
 
   def loss_fn(params):
-    variables = {**_variables(state), "params": params}
+    variables = {**model_variables(state), "params": params}
     if state.batch_stats is None:
       logits, updates = state.apply_fn(variables, images, train=True), {}
     else:
@@ -204,7 +203,7 @@ def _sharded_train_step(mesh: Mesh):
 
 
 def _eval_batch_impl(state, images, labels, mask):
-  logits = state.apply_fn(_variables(state), images, train=False)
+  logits = state.apply_fn(model_variables(state), images, train=False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = jnp.argmax(logits, axis=-1) == labels
   return jnp.sum(losses * mask), jnp.sum(correct * mask)
@@ -340,48 +339,6 @@ def train(
         f"train loss {train_loss:.4f}, held-out loss {test_loss:.4f}, "
         f"held-out accuracy {test_accuracy:.4f} ({seconds:.1f} s)")
   return state, history
-
-
-def save(path: str | os.PathLike, state: TrainState, norm: str) -> None:
-  """Writes the parameters (and BatchNorm statistics) as msgpack; no pickle.
-
-  The optimizer state is not saved: ``--load`` restores the model exactly,
-  and further training starts a fresh schedule. The arrays are copied to the
-  host first, so a state replicated over a mesh saves like any other.
-  """
-  variables = jax.device_get(_variables(state))
-  payload = {"format": _FORMAT, "norm": norm,
-             "variables": flax.serialization.to_state_dict(variables)}
-  with open(path, "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(payload))
-
-
-def load(path: str | os.PathLike, state: TrainState, norm: str) -> TrainState:
-  """Returns ``state`` with the parameters saved in ``path``.
-
-  Raises:
-    ValueError: the file is not a saved model of this example, or was saved
-      with another ``--norm``, or its parameters do not fit the network.
-  """
-  with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    payload = flax.serialization.msgpack_restore(raw)
-  except Exception as e:  # msgpack raises several unrelated types
-    raise ValueError(f"{path}: not a saved model ({e})") from e
-  if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-    raise ValueError(f"{path}: not a model saved by this example")
-  if payload["norm"] != norm:
-    raise ValueError(
-        f"{path}: saved with --norm {payload['norm']}, loading with "
-        f"--norm {norm}")
-  target = _variables(state)
-  variables = flax.serialization.from_state_dict(target, payload["variables"])
-  shapes = jax.tree.map(jnp.shape, (target, variables))
-  if shapes[0] != shapes[1]:
-    raise ValueError(f"{path}: parameter shapes do not match the network")
-  return state.replace(params=variables["params"],
-                       batch_stats=variables.get("batch_stats"))
 
 
 def plot_history(history: dict[str, list[float]], path: str | os.PathLike,
